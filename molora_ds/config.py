@@ -1,0 +1,67 @@
+"""Typed, self-validating configuration for MoLoRA adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MoLoRAConfig:
+    """Mixture of low-rank experts on frozen ``nn.Linear`` layers (DESIGN.md section 1).
+
+    ``target_modules``: a list matches module names exactly or by dotted suffix, a string is a
+    regex that must match the whole name (PEFT's rules). ``None`` picks the model family's default.
+    ``layer_experts``: MoLA-style per-layer expert counts; the layers are split into
+    ``len(layer_experts)`` contiguous groups, e.g. ``[2, 4, 6, 8]`` for the four quarters.
+    """
+
+    num_experts: int = 20
+    rank: int = 4
+    top_k: int = 10
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None
+    gate_rescale: bool = True
+    layer_experts: list[int] | None = None
+    load_balance_coef: float = 0.0
+    include_vision: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.extra:
+            raise ValueError(f"MoLoRAConfig: unknown keys {sorted(self.extra)}; known: {sorted(self.field_names())}")
+        if self.rank < 1:
+            raise ValueError(f"MoLoRAConfig: rank must be >= 1, got {self.rank}")
+        counts = self.layer_experts or [self.num_experts]
+        if min(counts) < 1:
+            raise ValueError(f"MoLoRAConfig: expert counts must be >= 1, got {counts}")
+        if not 1 <= self.top_k <= min(counts):
+            raise ValueError(
+                f"MoLoRAConfig: top_k={self.top_k} must be between 1 and the smallest expert count "
+                f"({min(counts)}); lower top_k or raise num_experts/layer_experts"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MoLoRAConfig: dropout must be in [0, 1), got {self.dropout}")
+        if self.load_balance_coef < 0:
+            raise ValueError(f"MoLoRAConfig: load_balance_coef must be >= 0, got {self.load_balance_coef}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("MoLoRAConfig: target_modules is an empty list; name at least one module or use None")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} - {"extra"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MoLoRAConfig:
+        known = {k: v for k, v in d.items() if k in cls.field_names()}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in cls.field_names()})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
