@@ -62,10 +62,14 @@ class _MoLoRAGroups:
 
     ``grad_norm_group``: when ZeRO hands this optimizer partitions of flat gradients, set it to
     the data-parallel process group so that norms are summed over all partitions.
+
+    ``skip_step``: set by the trainer when a loss was non-finite; the update is then skipped
+    whole (state untouched), and the accumulated gradients are dropped by the caller.
     """
 
     grad_norm_group: dist.ProcessGroup | None = None
     partitioned: bool = False
+    skip_step: bool = False
 
     def _prepare_grads(self) -> None:
         self.grad_norms = getattr(self, "grad_norms", {})
@@ -93,8 +97,9 @@ class MoLoRASGD(_MoLoRAGroups, torch.optim.SGD):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("closures are not supported: the gradients are prepared before the update")
-        self._prepare_grads()
-        return super().step()
+        if not self.skip_step:
+            self._prepare_grads()
+            super().step()
 
 
 class MoLoRAAdamW(_MoLoRAGroups, torch.optim.AdamW):
@@ -109,6 +114,8 @@ class MoLoRAAdamW(_MoLoRAGroups, torch.optim.AdamW):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("closures are not supported: the gradients are prepared before the update")
+        if self.skip_step:
+            return None
         self._prepare_grads()
         if self.correct_bias:
             return super().step()

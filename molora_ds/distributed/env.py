@@ -1,0 +1,52 @@
+"""Process-group environment for every launcher: deepspeed/torchrun, Slurm srun, mpirun, or none.
+
+DeepSpeed reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT only; Slurm and Open MPI
+name these differently, and a plain ``python train.py`` sets none of them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+_LAUNCHERS = {
+    "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    "mpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master() -> str:
+    """One node: loopback. Several: the job script must export MASTER_ADDR (node names may not resolve)."""
+    if int(os.environ.get("SLURM_NNODES", "1")) == 1:
+        return "127.0.0.1"
+    raise RuntimeError(
+        "multi-node Slurm job without MASTER_ADDR: export MASTER_ADDR=<first node's address> in the job script "
+        "(see launch/slurm.sbatch)"
+    )
+
+
+def setup_env() -> str:
+    """Fill the torch.distributed variables from the launcher's; returns the launcher's name."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torch"
+    for name, (rank, size, local) in _LAUNCHERS.items():
+        if rank in os.environ:
+            os.environ.update(RANK=os.environ[rank], WORLD_SIZE=os.environ[size], LOCAL_RANK=os.environ.get(local, "0"))
+            if name == "slurm":
+                if "MASTER_ADDR" not in os.environ:
+                    os.environ["MASTER_ADDR"] = _slurm_master()
+                os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000))
+            else:
+                os.environ.setdefault("MASTER_ADDR", os.environ.get("MOLORA_MASTER_ADDR", "127.0.0.1"))
+                os.environ.setdefault("MASTER_PORT", os.environ.get("MOLORA_MASTER_PORT", "29511"))
+            return name
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return "single"

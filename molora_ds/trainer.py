@@ -1,0 +1,282 @@
+"""The training run: one ``Trainer`` whose ``__init__`` reads as the story of a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+from deepspeed.utils import safe_get_full_fp32_param
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from molora_ds import checkpoint
+from molora_ds.data.multiple_choice import load_mc_splits, pad_collate, tokenize_mc
+from molora_ds.distributed.env import setup_env
+from molora_ds.ds_config import bf16_enabled, finalize, plan_batches, zero_stage
+from molora_ds.eval import mc_accuracy
+from molora_ds.inject import adapter_state_dict, apply_molora, aux_loss, count_parameters, molora_layers, save_adapter
+from molora_ds.metrics import MetricsLogger
+from molora_ds.models.loading import load_model
+from molora_ds.optim import GradientPreconditioner, build_optimizer
+from molora_ds.recipe import Recipe
+
+log = logging.getLogger("molora_ds")
+
+
+def linear_decay(warmup: int, decay_steps: int):
+    """lr factor: linear warm-up, then linear decay to 0 at ``decay_steps`` (paper: max_steps / 0.9)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1.0 - (step - warmup) / max(1, decay_steps - warmup))
+
+    return factor
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, ds_config: dict, output_dir: Path, resume: str | None = None) -> None:
+        self.recipe, self.run_dir = recipe, Path(output_dir)
+        self.launcher = setup_env()
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        train = recipe.train
+
+        # Model and adapters: identical on every rank (seeded), ZeRO partitions them later.
+        torch.manual_seed(train.seed)
+        self.model, self.tokenizer = load_model(recipe.model)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.layer_names = apply_molora(self.model, recipe.molora)
+        self.trainable, self.total = count_parameters(self.model)
+
+        # Data: a fixed order per epoch, so a step number alone says which examples it sees.
+        self.train_set, self.eval_set = load_mc_splits(recipe.data.name, recipe.data.eval_size, train.seed)
+        self.train_tok = tokenize_mc(self.train_set, self.tokenizer, recipe.data.max_len)
+        self.micro, self.accum = plan_batches(train, self.world, ds_config)
+        self.ds_config = finalize(ds_config, self.micro, self.accum, self.world)
+
+        # Optimizer and schedule. Under DeepSpeed the preconditioner runs in gradient hooks (see
+        # molora_ds.optim.zero), since ZeRO hands the optimizer flat partitions.
+        optim = recipe.optim
+        self.optimizer = build_optimizer(
+            self.model,
+            optim.method,
+            precondition_in_step=False,
+            lr=optim.lr,
+            gate_lr=optim.gate_lr,
+            reg=optim.reg,
+            gate_max_grad_norm=optim.gate_max_grad_norm,
+            weight_decay=optim.weight_decay,
+            betas=optim.betas,
+            eps=optim.eps,
+            momentum=optim.momentum,
+            correct_bias=optim.correct_bias,
+        )
+        decay = train.decay_steps or math.ceil(train.max_steps / 0.9)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_decay(train.warmup_steps, decay))
+
+        # Resume target first: another process count needs the universal format, set before initialize.
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.resume_from = checkpoint.resolve_resume(resume, self.ckpt_root)
+        if self.resume_from and checkpoint.read_meta(self.resume_from)["world_size"] != self.world:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config
+        )
+        self.optimizer.partitioned = zero_stage(self.ds_config) >= 1 or bf16_enabled(self.ds_config)
+        self.preconditioner = GradientPreconditioner(self.engine.module, optim.reg) if optim.riemannian else None
+
+        self.step = 0
+        if self.resume_from:
+            tag = self.resume_from
+            if self.ds_config.get("checkpoint", {}).get("load_universal"):
+                tag = checkpoint.to_universal(tag)
+            self.step = checkpoint.load(self.engine, tag)["step"]
+            self._log(f"resumed from {tag} at step {self.step}")
+
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
+        self._stop_signal = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        self.bad_steps = 0
+        if self.rank == 0:
+            self._write_run_files()
+        self._log(
+            f"{recipe.model}: {len(self.layer_names)} MoLoRA layers, {self.trainable:,} trainable of "
+            f"{self.total:,} params; {self.world} processes x micro-batch {self.micro} x accumulation "
+            f"{self.accum} = global batch {train.global_batch}; ZeRO-{zero_stage(self.ds_config)}"
+            f"{', bf16' if bf16_enabled(self.ds_config) else ', fp32'}; {optim.method}"
+        )
+
+    # ----------------------------------------------------------------- helpers
+    def _log(self, msg: str) -> None:
+        if self.rank == 0:
+            log.info(msg)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+
+    def _all_ranks_any(self, flag: bool) -> bool:
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of global step ``step``: a slice of a per-epoch permutation."""
+        g, n = self.recipe.train.global_batch, len(self.train_tok)
+        start = step * g
+        idx = []
+        while len(idx) < g:
+            epoch, offset = divmod(start + len(idx), n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.train.seed + epoch))
+            idx += perm[offset : offset + g - len(idx)].tolist()
+        out = []
+        for a in range(self.accum):
+            first = (a * self.world + self.rank) * self.micro
+            out.append(pad_collate(self.train_tok.select(idx[first : first + self.micro]), self.pad_id))
+        return out
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()} if self.device else batch
+
+    # ----------------------------------------------------------------- training
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; the loss is the mean over all its target tokens."""
+        # Dropout masks depend only on (seed, step, rank): exact resume needs no saved RNG state.
+        torch.manual_seed(self.recipe.train.seed * 1_000_003 + self.step * 1009 + self.rank)
+        t0 = time.perf_counter()
+        batches = [self._to_device(b) for b in self._micro_batches(self.step)]
+        counts = torch.tensor(
+            [
+                sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+                sum(int(b["attention_mask"].sum()) for b in batches),
+            ],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        dist.all_reduce(counts)
+        targets, tokens = counts.tolist()
+        # DeepSpeed averages over ranks and accumulation steps; undo both so that the gradient is the
+        # one of sum(token losses) / targets, on any process count.
+        scale = self.world * self.accum / targets
+        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}  # the lr this step uses
+        loss_sum, bad = torch.zeros((), dtype=torch.float64, device=self.device), False
+        for i, batch in enumerate(batches):
+            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            token_loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum"
+            )
+            loss = token_loss * scale
+            extra = aux_loss(self.engine.module)
+            if extra is not None:
+                loss = loss + extra / self.accum
+            bad |= not torch.isfinite(loss).item()
+            self.engine.backward(loss)
+            if i == len(batches) - 1:
+                self.optimizer.skip_step = self._all_ranks_any(bad)
+            self.engine.step()
+            loss_sum += token_loss.detach().double()
+        self.optimizer.skip_step = False
+        dist.all_reduce(loss_sum)
+        seconds = time.perf_counter() - t0
+        self.step += 1
+        row = {"step": self.step, "loss": loss_sum.item() / targets}
+        row |= lrs
+        row |= {f"grad_norm/{k}": v for k, v in getattr(self.optimizer, "grad_norms", {}).items()}
+        row |= {"tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": int(bad)}
+        return row
+
+    def fit(self) -> dict:
+        train = self.recipe.train
+        results = {}
+        if self.recipe.eval.before and self.step == 0:
+            results["accuracy_before"] = self.evaluate()
+        bar = tqdm(total=train.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        status = "finished"
+        while self.step < train.max_steps:
+            row = self.train_step()
+            if row["skipped"]:
+                self.bad_steps += 1
+                self._log(f"step {row['step']}: non-finite loss, step skipped ({self.bad_steps} so far)")
+                if self.bad_steps >= train.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"loss was non-finite in {self.bad_steps} steps (last at step {row['step']}); "
+                        "lower optim.lr, check the data, or raise train.max_bad_steps"
+                    )
+            self.metrics.step(row, self._expert_load() if self.step % train.log_every == 0 else None)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if self.step % train.log_every == 0 and self.rank == 0:
+                bar.write(
+                    f"step {self.step}/{train.max_steps} loss {row['loss']:.4f} lr {row['lr/experts']:.2e} "
+                    f"|g| experts {row['grad_norm/experts']:.3g} router {row['grad_norm/router']:.3g} "
+                    f"{row['tokens_per_s']:.0f} tok/s"
+                )
+            stop = self._all_ranks_any(self._stop_signal != 0)
+            if stop or self.step % train.save_every == 0 or self.step == train.max_steps:
+                self.save()
+            if stop:
+                status = "preempted"
+                self._log(f"signal received: checkpoint saved at step {self.step}, exiting")
+                break
+        bar.close()
+        if status == "finished":
+            if self.recipe.eval.after:
+                results["accuracy_after"] = self.evaluate()
+            self.export_adapter()
+        results |= {"status": status, "step": self.step, "skipped_steps": self.bad_steps}
+        if self.rank == 0:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        self.metrics.close()
+        return results
+
+    def evaluate(self) -> dict:
+        ev = self.recipe.eval
+        t0 = time.perf_counter()
+        res = mc_accuracy(
+            self.engine.module, self.tokenizer, self.eval_set, ev.method, ev.batch_size, self.recipe.data.max_len
+        )
+        self._log(f"eval ({ev.method}, {res['n']} questions): accuracy {res['accuracy']:.4f} "
+                  f"in {time.perf_counter() - t0:.0f} s")
+        self.metrics.scalars({"eval/accuracy": res["accuracy"]}, self.step)
+        return res
+
+    def _expert_load(self) -> dict[str, list[float]]:
+        return {n: m.expert_load.tolist() for n, m in molora_layers(self.engine.module).items()
+                if m.expert_load is not None}
+
+    def save(self) -> None:
+        meta = {"step": self.step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config)}
+        path = checkpoint.save(self.engine, self.ckpt_root, self.step, meta, self.recipe.train.keep_last)
+        self._log(f"checkpoint: {path}")
+
+    def export_adapter(self) -> Path:
+        """fp32 adapter weights (gathered from ZeRO partitions: collective) as safetensors + JSON."""
+        params = dict(self.engine.module.named_parameters())
+        state = {n: safe_get_full_fp32_param(params[n]).cpu() for n in adapter_state_dict(self.engine.module)}
+        out = self.run_dir / "adapter"
+        if self.rank == 0:
+            save_adapter(out, state, self.recipe.molora)
+            self._log(f"adapter: {out}")
+        dist.barrier()
+        return out
