@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 
@@ -33,6 +34,8 @@ class MoLoRAConfig:
             raise ValueError(f"MoLoRAConfig: unknown keys {sorted(self.extra)}; known: {sorted(self.field_names())}")
         if self.rank < 1:
             raise ValueError(f"MoLoRAConfig: rank must be >= 1, got {self.rank}")
+        if self.layer_experts is not None and not self.layer_experts:
+            raise ValueError("MoLoRAConfig: layer_experts is an empty list; give one count per layer group or use None")
         counts = self.layer_experts or [self.num_experts]
         if min(counts) < 1:
             raise ValueError(f"MoLoRAConfig: expert counts must be >= 1, got {counts}")
@@ -40,6 +43,12 @@ class MoLoRAConfig:
             raise ValueError(
                 f"MoLoRAConfig: top_k={self.top_k} must be between 1 and the smallest expert count "
                 f"({min(counts)}); lower top_k or raise num_experts/layer_experts"
+            )
+        if self.top_k == 1 and max(counts) > 1 and not self.load_balance_coef:
+            warnings.warn(
+                "MoLoRAConfig: top_k=1 renormalises every gate to 1, so the task loss gives the router no "
+                "gradient; use top_k >= 2 or set load_balance_coef > 0",
+                stacklevel=3,
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MoLoRAConfig: dropout must be in [0, 1), got {self.dropout}")

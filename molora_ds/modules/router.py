@@ -27,7 +27,7 @@ def switch_balance_loss(gates: torch.Tensor, probs: torch.Tensor) -> torch.Tenso
     probability of expert i.
     """
     num_experts = probs.shape[-1]
-    dispatch = (gates > 0).float()
+    dispatch = (gates > 0).to(probs.dtype)
     f = dispatch.sum(0) / dispatch.sum()
     return num_experts * (f * probs.mean(0)).sum()
 
