@@ -1,8 +1,9 @@
 """Atomic, resumable checkpoints around DeepSpeed's ``engine.save_checkpoint``.
 
-A checkpoint folder counts only once its ``COMPLETE`` marker exists; the marker is written by
-rank 0 after every rank has finished writing, so a crash mid-save never leaves a half
-checkpoint that ``--resume auto`` would pick. Resuming on another process count goes through
+A checkpoint folder counts only once its ``COMPLETE`` marker is there and still matches the
+folder: rank 0 writes it (atomically) after every rank has finished writing, listing each file
+with its size, so neither a crash mid-save nor a file cut short later leaves a checkpoint that
+``--resume auto`` would pick. Resuming on another process count goes through
 DeepSpeed's universal checkpoint format (converted on the fly).
 """
 
@@ -29,11 +30,39 @@ def _tag(step: int) -> str:
     return f"step{step:08d}"
 
 
+def _manifest(tag_dir: Path) -> dict[str, int]:
+    return {
+        str(f.relative_to(tag_dir)): f.stat().st_size
+        for f in sorted(tag_dir.rglob("*"))
+        if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp")
+    }
+
+
+def mark_complete(tag_dir: Path) -> None:
+    """Write the ``COMPLETE`` marker: every file of the folder with its size, renamed into place."""
+    tmp = tag_dir / (COMPLETE + ".tmp")
+    tmp.write_text(json.dumps(_manifest(tag_dir), indent=1))
+    os.replace(tmp, tag_dir / COMPLETE)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    """The marker exists and every file it lists is there with its recorded size."""
+    try:
+        listed = json.loads((tag_dir / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(listed, dict) or not listed:
+        return False
+    return all(
+        (tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size for name, size in listed.items()
+    )
+
+
 def _complete_tags(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     tags = [p for p in root.iterdir() if p.name.startswith("step") and not p.name.endswith(UNIVERSAL_SUFFIX)]
-    return sorted((p for p in tags if (p / COMPLETE).exists()), key=lambda p: p.name)
+    return sorted((p for p in tags if is_complete(p)), key=lambda p: p.name)
 
 
 def find_latest(root: Path) -> Path | None:
@@ -49,7 +78,7 @@ def resolve_resume(arg: str | None, ckpt_root: Path) -> Path | None:
     if arg == "auto":
         return find_latest(ckpt_root)
     path = Path(arg)
-    if (path / COMPLETE).exists():
+    if is_complete(path):
         return path
     for root in (path, path / "checkpoints"):
         found = find_latest(root)
@@ -66,8 +95,11 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     """Collective: every rank writes its shards, then rank 0 marks the folder complete."""
     tag = _tag(step)
     rank = dist.get_rank()
-    if rank == 0 and (root / tag).exists():
-        shutil.rmtree(root / tag)  # leftovers of a save that a kill interrupted
+    if rank == 0:
+        # Leftovers of a save that a kill interrupted, or of a run resumed from an older step: the
+        # conversion of a replaced checkpoint would be stale.
+        shutil.rmtree(root / tag, ignore_errors=True)
+        shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(
         str(root),
@@ -78,7 +110,7 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     dist.barrier()
     if rank == 0:
         (root / tag / META).write_text(json.dumps(meta, indent=2))
-        (root / tag / COMPLETE).touch()
+        mark_complete(root / tag)
         for old in _complete_tags(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
@@ -89,14 +121,14 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
 def to_universal(tag_dir: Path) -> Path:
     """Convert (once, on rank 0) to DeepSpeed's universal format for loading on another process count."""
     out = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
-    if dist.get_rank() == 0 and not (out / COMPLETE).exists():
+    if dist.get_rank() == 0 and not is_complete(out):
         shutil.rmtree(out, ignore_errors=True)
         log.info("converting %s to a universal checkpoint for a different process count", tag_dir)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=os.environ)
         shutil.copy(tag_dir / META, out / META)
-        (out / COMPLETE).touch()
+        mark_complete(out)
     dist.barrier()
     return out
 
