@@ -38,6 +38,8 @@ class GradientPreconditioner:
     def _capture(self, layer: MoLoRALinear, args) -> None:
         # Recomputed every forward (micro-batch, activation recomputation): the parameters only
         # change at the optimizer step, so all forwards of one step see the same values.
+        if not torch.is_grad_enabled():
+            return  # evaluation: no gradient will come
         self._inverses[layer] = preconditioners(layer.lora_A, layer.lora_B, self.reg)
 
     def _grad_a(self, layer: MoLoRALinear, grad: torch.Tensor) -> torch.Tensor:
