@@ -74,6 +74,10 @@ class _MoLoRAGroups:
     def _prepare_grads(self) -> None:
         self.grad_norms = getattr(self, "grad_norms", {})
         for group in self.param_groups:
+            if not group["params"]:
+                # ZeRO-3 calls step once per sub-group, with every other group's list emptied: that
+                # group's norm is taken (and all-reduced, on all ranks alike) in its own call.
+                continue
             params = [p for p in group["params"] if p.grad is not None]
             if group.get("precondition_in_step"):
                 for a, b in zip(params[0::2], params[1::2], strict=True):
