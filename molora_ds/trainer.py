@@ -273,7 +273,9 @@ class Trainer:
     def export_adapter(self) -> Path:
         """fp32 adapter weights (gathered from ZeRO partitions: collective) as safetensors + JSON."""
         params = dict(self.engine.module.named_parameters())
-        state = {n: safe_get_full_fp32_param(params[n]).cpu() for n in adapter_state_dict(self.engine.module)}
+        # None under ZeRO-0 without bf16: no optimizer wraps the parameters, which are then the fp32 weights.
+        full = {n: safe_get_full_fp32_param(params[n]) for n in adapter_state_dict(self.engine.module)}
+        state = {n: (params[n].detach() if p is None else p).cpu() for n, p in full.items()}
         out = self.run_dir / "adapter"
         if self.rank == 0:
             save_adapter(out, state, self.recipe.molora)
