@@ -162,8 +162,6 @@ class Trainer:
     # ----------------------------------------------------------------- training
     def train_step(self) -> dict:
         """One optimizer step over the global batch; the loss is the mean over all its target tokens."""
-        # Dropout masks depend only on (seed, step, rank): exact resume needs no saved RNG state.
-        torch.manual_seed(self.recipe.train.seed * 1_000_003 + self.step * 1009 + self.rank)
         t0 = time.perf_counter()
         batches = [self._to_device(b) for b in self._micro_batches(self.step)]
         counts = torch.tensor(
@@ -182,6 +180,11 @@ class Trainer:
         lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}  # the lr this step uses
         loss_sum, bad = torch.zeros((), dtype=torch.float64, device=self.device), False
         for i, batch in enumerate(batches):
+            # Dropout masks depend only on (seed, step, micro-batch of the global batch): exact resume
+            # needs no saved RNG state, and another process count with the same micro-batch size
+            # draws the same masks (seeding by rank would not).
+            micro_index = i * self.world + self.rank
+            torch.manual_seed((self.recipe.train.seed * 1_000_003 + self.step) * 1_000_033 + micro_index)
             logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             token_loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum"
