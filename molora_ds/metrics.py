@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ class MetricsLogger:
     def step(self, row: dict, expert_load: dict[str, list[float]] | None = None) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
+        # null, not NaN: NaN is not JSON, and strict readers (jq, JSON.parse) reject the whole file.
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        self.file.write(json.dumps(finite, allow_nan=False) + "\n")
         self.file.flush()
         for key, value in row.items():
             if key != "step" and isinstance(value, int | float):
@@ -60,7 +63,7 @@ class MetricsLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in self._rows() if "loss" in r]
+        rows = [r for r in self._rows() if r.get("loss") is not None]
         if not rows:
             return
         fig, ax = plt.subplots(figsize=(7, 4))

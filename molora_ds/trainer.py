@@ -205,7 +205,9 @@ class Trainer:
         self.step += 1
         row = {"step": self.step, "loss": loss_sum.item() / targets}
         row |= lrs
-        row |= {f"grad_norm/{k}": v for k, v in getattr(self.optimizer, "grad_norms", {}).items()}
+        # A skipped step computed no norms: NaN, not the previous step's (nor a missing key at step 1).
+        norms = {} if bad else getattr(self.optimizer, "grad_norms", {})
+        row |= {f"grad_norm/{g['name']}": norms.get(g["name"], math.nan) for g in self.optimizer.param_groups}
         row |= {"tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": int(bad)}
         return row
 
@@ -218,6 +220,7 @@ class Trainer:
         status = "finished"
         while self.step < train.max_steps:
             row = self.train_step()
+            self.metrics.step(row, self._expert_load() if self.step % train.log_every == 0 else None)
             if row["skipped"]:
                 self.bad_steps += 1
                 self._log(f"step {row['step']}: non-finite loss, step skipped ({self.bad_steps} so far)")
@@ -226,7 +229,6 @@ class Trainer:
                         f"loss was non-finite in {self.bad_steps} steps (last at step {row['step']}); "
                         "lower optim.lr, check the data, or raise train.max_bad_steps"
                     )
-            self.metrics.step(row, self._expert_load() if self.step % train.log_every == 0 else None)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if self.step % train.log_every == 0 and self.rank == 0:
