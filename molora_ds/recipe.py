@@ -1,12 +1,16 @@
 """Recipes: YAML files naming the model, data, MoLoRA and optimizer settings of a run.
 
 Loaded into typed dataclasses and validated before any model is built; ``--set a.b=v``
-overrides any key (the value is parsed as YAML). Unknown keys are errors, not ignored.
+overrides any key (the value is parsed as YAML). Unknown keys and values of the wrong type are
+errors, not ignored. Numbers for float fields may be written ``1e-3``: YAML 1.1 reads that as a
+string (it wants ``1.0e-3``), so float fields convert numeric strings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +25,12 @@ class DataConfig:
     name: str = "bigbench/social_iqa"
     eval_size: int = 300
     max_len: int = 256
+
+    def __post_init__(self) -> None:
+        if self.eval_size < 1 or self.max_len < 1:
+            raise ValueError(
+                f"data.eval_size and data.max_len must be >= 1, got {self.eval_size}, {self.max_len}"
+            )
 
 
 @dataclass
@@ -43,6 +53,20 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 10
 
+    def __post_init__(self) -> None:
+        # Checked here, not where they are used: a 0 would otherwise surface after the model has
+        # loaded, as a ZeroDivisionError in the training loop.
+        positive = ("global_batch", "max_micro_batch", "max_steps", "log_every", "save_every", "keep_last")
+        for name in (*positive, "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"train.decay_steps={self.decay_steps} must be greater than train.warmup_steps={self.warmup_steps}"
+            )
+
 
 @dataclass
 class EvalConfig:
@@ -54,6 +78,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.method not in ("loglik", "generate"):
             raise ValueError(f"eval.method must be 'loglik' or 'generate', got {self.method!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -81,11 +107,48 @@ def _set_dotted(d: dict, key: str, value: object) -> None:
     d[leaf] = value
 
 
+def _describe(hint: object) -> str:
+    return str(hint).replace("typing.", "") if typing.get_args(hint) else getattr(hint, "__name__", str(hint))
+
+
+def _convert(value: object, hint: object, key: str) -> object:
+    """``value`` as the field type ``hint`` wants it, or a ValueError naming the key."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in options:
+        origin, args = typing.get_origin(t) or t, typing.get_args(t)
+        if t is type(None) and value is None:
+            return None
+        if t is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (bool, str) and isinstance(value, t):
+            return value
+        if origin is dict and isinstance(value, dict):
+            return value
+        if origin in (list, tuple) and isinstance(value, list | tuple):
+            if origin is tuple and args and Ellipsis not in args and len(args) != len(value):
+                continue
+            fixed = origin is tuple and Ellipsis not in args
+            kinds = args if fixed else [args[0] if args else object] * len(value)
+            try:
+                items = [v if k is object else _convert(v, k, key) for v, k in zip(value, kinds)]
+            except ValueError:
+                continue
+            return origin(items)
+    raise ValueError(f"recipe: {key} must be {_describe(hint)}, got {value!r}")
+
+
 def _build(cls: type, values: dict, where: str) -> object:
     names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"recipe: unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
@@ -113,7 +176,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
     unknown = sorted(set(raw) - set(_SECTIONS) - {"model"})
     if unknown:
         raise ValueError(f"recipe: unknown section(s) {unknown}; known: {sorted([*_SECTIONS, 'model'])}")
-    kwargs = {"model": raw.get("model", Recipe.model)}
+    kwargs = {"model": _convert(raw.get("model", Recipe.model), str, "model")}
     for name, cls in _SECTIONS.items():
         section = raw.get(name, {})
         if not isinstance(section, dict):
