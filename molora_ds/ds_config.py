@@ -41,6 +41,12 @@ def load_ds_config(path: str | Path) -> dict:
 
 def plan_batches(train: TrainConfig, world: int, ds: dict) -> tuple[int, int]:
     """``(micro_batch, accumulation)`` with ``micro * accumulation * world == global_batch``."""
+    for key in _BATCH_KEYS:
+        if key in ds and (not isinstance(ds[key], int) or isinstance(ds[key], bool) or ds[key] < 1):
+            raise ValueError(
+                f"DeepSpeed config sets {key}={ds[key]!r}; it must be a positive integer, or better left out: "
+                "molora_ds derives the batch sizes from the recipe's train.global_batch"
+            )
     g = train.global_batch
     if g % world:
         raise ValueError(f"train.global_batch={g} is not divisible by the {world} processes; pick a multiple of {world}")
