@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from molora_ds.ds_config import load_ds_config
+from molora_ds.ds_config import load_ds_config, plan_batches
 from molora_ds.recipe import load_recipe
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
@@ -32,6 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _world_size() -> int:
+    """The process count the launcher announces (torchrun/deepspeed, Slurm, Open MPI; else 1),
+    read before any process group exists so that the batch arithmetic is checked in seconds."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -43,13 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every input is checked before the model is loaded
         recipe = load_recipe(args.recipe, overrides)
         ds_config = load_ds_config(args.config)
+        plan_batches(recipe.train, _world_size(), ds_config)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from molora_ds.trainer import Trainer  # heavy imports after the cheap checks
+    from molora_ds.trainer import NonFiniteLossError, Trainer  # heavy imports after the cheap checks
 
-    results = Trainer(recipe, ds_config, Path(args.output_dir), resume=args.resume).fit()
+    try:
+        results = Trainer(recipe, ds_config, Path(args.output_dir), resume=args.resume).fit()
+    except NonFiniteLossError as e:  # a diverged run: say why in one line, not in a traceback per rank
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0 if results["status"] in ("finished", "preempted") else 1
 
 
