@@ -127,7 +127,7 @@ def recipe_overrides(method: str, global_batch: int, steps: int) -> list[str]:
     lr, gate_lr = LRS[method]
     return [
         f"optim.method={method}",
-        f"optim.lr={lr!r}",  # repr: YAML reads 1e-2 as a string, 0.01 as a float
+        f"optim.lr={lr!r}",
         f"optim.gate_lr={gate_lr!r}",
         f"optim.gate_max_grad_norm={ROUTER_CLIP!r}",
         "molora.dropout=0.0",
