@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
@@ -138,4 +139,31 @@ def load(engine, tag_dir: Path) -> dict:
     path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    if tag_dir.name.endswith(UNIVERSAL_SUFFIX) and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal_load(engine.optimizer.optimizer, tag_dir)
     return read_meta(tag_dir)
+
+
+def _repair_zero3_universal_load(optimizer, universal_dir: Path) -> None:
+    """Undo two slips of DeepSpeed's (0.19) ZeRO-3 universal load, which the other stages lack.
+
+    - It copies ``param_groups[0]``'s settings into every group: the router group would come
+      back named "experts", with the experts' lr (x300 at the paper's defaults) until the
+      scheduler's next step, and the metrics would merge the two groups.
+    - It gives every param group's Adam state one shared ``step`` tensor; ZeRO-3 steps the
+      groups one after the other, so that tensor advanced once per group and optimizer step,
+      and the bias corrections drifted (losses off by ~1e-4 within 5 steps on the tiny recipe).
+    """
+    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", weights_only=False)
+    groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise RuntimeError(
+            f"{universal_dir} has {len(groups)} param groups, the optimizer {len(optimizer.param_groups)}"
+        )
+    for group, want in zip(optimizer.param_groups, groups):
+        params = group["params"]
+        group.clear()
+        group.update({k: v for k, v in want.items() if k != "params"}, params=params)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
