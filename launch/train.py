@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from molora_ds.ds_config import load_ds_config, plan_batches
+from molora_ds import checkpoint
+from molora_ds.ds_config import load_ds_config, plan_batches, zero_stage
 from molora_ds.recipe import load_recipe
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
@@ -36,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _world_size() -> int:
     """The process count the launcher announces (torchrun/deepspeed, Slurm, Open MPI; else 1),
     read before any process group exists so that the batch arithmetic is checked in seconds."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "").isdigit():  # as distributed/env.py reads it
+        return int(os.environ["WORLD_SIZE"])
+    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 1
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, overrides)
         ds_config = load_ds_config(args.config)
         plan_batches(recipe.train, _world_size(), ds_config)
+        resume_from = checkpoint.resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
+        if resume_from is not None:
+            checkpoint.check_stage(resume_from, zero_stage(ds_config))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

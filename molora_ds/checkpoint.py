@@ -92,6 +92,18 @@ def read_meta(tag_dir: Path) -> dict:
     return json.loads((tag_dir / META).read_text())
 
 
+def check_stage(tag_dir: Path, stage: int) -> None:
+    """DeepSpeed loads a checkpoint (universal ones included) only under the ZeRO stage that
+    wrote it; otherwise it fails deep inside with a bare AssertionError, after the model loaded."""
+    saved = read_meta(tag_dir).get("zero_stage")
+    if saved is not None and saved != stage:
+        raise ValueError(
+            f"--resume: {tag_dir} was saved under ZeRO-{saved}, this run uses ZeRO-{stage}; DeepSpeed cannot "
+            f"load a checkpoint into another stage: resume with a config of stage {saved} (e.g. "
+            f"ds_configs/zero{saved}.json)"
+        )
+
+
 def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     """Collective: every rank writes its shards, then rank 0 marks the folder complete."""
     tag = _tag(step)
