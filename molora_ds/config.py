@@ -31,11 +31,15 @@ class MoLoRAConfig:
 
     def __post_init__(self) -> None:
         if self.extra:
-            raise ValueError(f"MoLoRAConfig: unknown keys {sorted(self.extra)}; known: {sorted(self.field_names())}")
+            raise ValueError(
+                f"MoLoRAConfig: unknown keys {sorted(self.extra)}; known: {sorted(self.field_names())}"
+            )
         if self.rank < 1:
             raise ValueError(f"MoLoRAConfig: rank must be >= 1, got {self.rank}")
         if self.layer_experts is not None and not self.layer_experts:
-            raise ValueError("MoLoRAConfig: layer_experts is an empty list; give one count per layer group or use None")
+            raise ValueError(
+                "MoLoRAConfig: layer_experts is an empty list; give one count per layer group or use None"
+            )
         counts = self.layer_experts or [self.num_experts]
         if min(counts) < 1:
             raise ValueError(f"MoLoRAConfig: expert counts must be >= 1, got {counts}")
@@ -55,7 +59,9 @@ class MoLoRAConfig:
         if self.load_balance_coef < 0:
             raise ValueError(f"MoLoRAConfig: load_balance_coef must be >= 0, got {self.load_balance_coef}")
         if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("MoLoRAConfig: target_modules is an empty list; name at least one module or use None")
+            raise ValueError(
+                "MoLoRAConfig: target_modules is an empty list; name at least one module or use None"
+            )
 
     @property
     def scaling(self) -> float:

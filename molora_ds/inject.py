@@ -63,7 +63,9 @@ def _experts_per_module(names: list[str], cfg: MoLoRAConfig) -> dict[str, int]:
     indices = {n: _layer_index(n) for n in names}
     if None in indices.values():
         unnumbered = [n for n, i in indices.items() if i is None]
-        raise ValueError(f"layer_experts needs numbered layers, but these targets have no index: {unnumbered[:3]}")
+        raise ValueError(
+            f"layer_experts needs numbered layers, but these targets have no index: {unnumbered[:3]}"
+        )
     num_layers = max(indices.values()) + 1
     groups = len(cfg.layer_experts)
     return {n: cfg.layer_experts[i * groups // num_layers] for n, i in indices.items()}
@@ -75,14 +77,18 @@ def apply_molora(model: nn.Module, cfg: MoLoRAConfig) -> list[str]:
     Returns the replaced module names. Raises ``ValueError`` if nothing matches or a match is
     not a Linear, before touching the model.
     """
-    targets = cfg.target_modules if cfg.target_modules is not None else default_targets(model, cfg.include_vision)
+    targets = (
+        cfg.target_modules if cfg.target_modules is not None else default_targets(model, cfg.include_vision)
+    )
     found = [(n, m) for n, m in model.named_modules() if n and matches(n, targets)]
     if not found:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"target_modules={targets!r} matched no module; Linear layers include {linears[:6]}")
     wrong = [(n, type(m).__name__) for n, m in found if type(m) is not nn.Linear]
     if wrong:
-        raise ValueError(f"target_modules={targets!r} matched non-Linear modules {wrong[:3]}; narrow the targets")
+        raise ValueError(
+            f"target_modules={targets!r} matched non-Linear modules {wrong[:3]}; narrow the targets"
+        )
     experts = _experts_per_module([n for n, _ in found], cfg)
     model.requires_grad_(False)
     for name, linear in found:
@@ -99,8 +105,13 @@ def apply_molora(model: nn.Module, cfg: MoLoRAConfig) -> list[str]:
         )
         setattr(model.get_submodule(parent_name), child, layer)
     trainable, total = count_parameters(model)
-    log.info("MoLoRA: %d layers, %s trainable of %s parameters (%.3f%%)", len(found), f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+    log.info(
+        "MoLoRA: %d layers, %s trainable of %s parameters (%.3f%%)",
+        len(found),
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
     return [n for n, _ in found]
 
 
@@ -147,7 +158,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> MoLoRAConfig:
     path = Path(path)
     for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (path / f).is_file():
-            raise FileNotFoundError(f"{path / f} not found: is {path} an adapter folder written by save_adapter?")
+            raise FileNotFoundError(
+                f"{path / f} not found: is {path} an adapter folder written by save_adapter?"
+            )
     cfg = MoLoRAConfig.from_dict(json.loads((path / ADAPTER_CONFIG).read_text()))
     if not molora_layers(model):
         apply_molora(model, cfg)
@@ -155,8 +168,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> MoLoRAConfig:
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"adapter {path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape]
+        raise ValueError(
+            f"adapter {path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    bad = [
+        (k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape
+    ]
     if bad:
         raise ValueError(f"adapter {path} shape mismatch (name, file, model): {bad[:3]}")
     with torch.no_grad():

@@ -37,11 +37,15 @@ def setup_env() -> str:
         return "torch"
     for name, (rank, size, local) in _LAUNCHERS.items():
         if rank in os.environ:
-            os.environ.update(RANK=os.environ[rank], WORLD_SIZE=os.environ[size], LOCAL_RANK=os.environ.get(local, "0"))
+            os.environ.update(
+                RANK=os.environ[rank], WORLD_SIZE=os.environ[size], LOCAL_RANK=os.environ.get(local, "0")
+            )
             if name == "slurm":
                 if "MASTER_ADDR" not in os.environ:
                     os.environ["MASTER_ADDR"] = _slurm_master()
-                os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000))
+                os.environ.setdefault(
+                    "MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000)
+                )
             else:
                 os.environ.setdefault("MASTER_ADDR", os.environ.get("MOLORA_MASTER_ADDR", "127.0.0.1"))
                 os.environ.setdefault("MASTER_PORT", os.environ.get("MOLORA_MASTER_PORT", "29511"))

@@ -51,7 +51,12 @@ class MixtureOfLoRAExperts(torch.autograd.Function):
 
 
 def mixture_of_lora_experts(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, gates: torch.Tensor, scaling: float, rescale: bool
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    gates: torch.Tensor,
+    scaling: float,
+    rescale: bool,
 ) -> torch.Tensor:
     """``x [T, in]``, ``lora_a [E, r, in]``, ``lora_b [E, out, r]``, ``gates [T, E]`` -> ``[T, out]``."""
     num_experts, rank, in_features = lora_a.shape

@@ -72,11 +72,18 @@ class MoLoRALinear(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         gates, probs = self.router(tokens.to(self.router.weight.dtype))
         delta = mixture_of_lora_experts(
-            self.dropout(tokens).to(self.lora_A.dtype), self.lora_A, self.lora_B, gates, self.scaling, self.gate_rescale
+            self.dropout(tokens).to(self.lora_A.dtype),
+            self.lora_A,
+            self.lora_B,
+            gates,
+            self.scaling,
+            self.gate_rescale,
         )
         with torch.no_grad():
             self.expert_load = (gates > 0).float().mean(0) / self.top_k
-        self.aux_loss = self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
+        self.aux_loss = (
+            self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
+        )
         return y + delta.reshape(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:

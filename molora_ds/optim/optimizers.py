@@ -136,7 +136,9 @@ class MoLoRAAdamW(_MoLoRAGroups, torch.optim.AdamW):
                 state["step"] += 1
                 state["exp_avg"].lerp_(p.grad, 1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                p.addcdiv_(state["exp_avg"], state["exp_avg_sq"].sqrt().add_(group["eps"]), value=-group["lr"])
+                p.addcdiv_(
+                    state["exp_avg"], state["exp_avg_sq"].sqrt().add_(group["eps"]), value=-group["lr"]
+                )
                 p.mul_(1 - group["lr"] * group["weight_decay"])  # after the update, as HF's AdamW does
         return None
 

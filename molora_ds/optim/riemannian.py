@@ -30,7 +30,9 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # bf16 gradients are preconditioned in fp32
 
 
-def preconditioners(lora_a: torch.Tensor, lora_b: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+def preconditioners(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, reg: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P_A, P_B)``, each ``[E, r, r]`` float64: ``P_A = (B^T B + reg)^-1``, ``P_B = (A A^T + reg)^-1``.
 
     ``lora_a`` is ``[E, r, in]``, ``lora_b`` is ``[E, out, r]``.

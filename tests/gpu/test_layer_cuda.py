@@ -11,8 +11,9 @@ pytestmark = pytest.mark.gpu
 
 def _layer(device, dtype, gate_rescale=True):
     torch.manual_seed(0)
-    layer = MoLoRALinear(torch.nn.Linear(256, 192), num_experts=20, rank=4, top_k=10, alpha=16.0,
-                         gate_rescale=gate_rescale)
+    layer = MoLoRALinear(
+        torch.nn.Linear(256, 192), num_experts=20, rank=4, top_k=10, alpha=16.0, gate_rescale=gate_rescale
+    )
     torch.nn.init.normal_(layer.lora_B, std=0.02)
     return layer.to(device=device, dtype=dtype)
 
@@ -27,8 +28,12 @@ def test_forward_backward_matches_cpu_float64(dtype, tol, gate_rescale):
         xs.requires_grad_(True)
         y = layer(xs)
         (y.float() ** 2).sum().backward()
-        outs.append([t.detach().cpu().double() for t in (y, xs.grad, layer.lora_A.grad, layer.lora_B.grad,
-                                                          layer.router.weight.grad)])
+        outs.append(
+            [
+                t.detach().cpu().double()
+                for t in (y, xs.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad)
+            ]
+        )
     for want, got in zip(*outs):
         assert (got - want).norm() <= tol * want.norm() + 1e-6
 
