@@ -55,7 +55,8 @@ def is_complete(tag_dir: Path) -> bool:
     if not isinstance(listed, dict) or not listed:
         return False
     return all(
-        (tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size for name, size in listed.items()
+        (tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size
+        for name, size in listed.items()
     )
 
 
