@@ -1,8 +1,8 @@
 """Train MoLoRA adapters with DeepSpeed.
 
-    deepspeed launch/train.py --config ds_configs/zero2.json            # the embedded default
-    torchrun --nproc_per_node 2 launch/train.py --config ds_configs/zero3.json --recipe recipes/tiny.yaml
-    python launch/train.py --config ds_configs/zero0.json --set train.max_steps=10
+deepspeed launch/train.py --config ds_configs/zero2.json            # the embedded default
+torchrun --nproc_per_node 2 launch/train.py --config ds_configs/zero3.json --recipe recipes/tiny.yaml
+python launch/train.py --config ds_configs/zero0.json --set train.max_steps=10
 """
 
 from __future__ import annotations
@@ -22,14 +22,22 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.y
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="DeepSpeed JSON (ds_configs/zero{0,1,2,3}.json, *_offload.json)")
+    p.add_argument(
+        "--config", required=True, help="DeepSpeed JSON (ds_configs/zero{0,1,2,3}.json, *_offload.json)"
+    )
     p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe YAML (default: %(default)s)")
     p.add_argument("--output-dir", default="runs/default", help="run folder (metrics, checkpoints, adapter)")
     p.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
     p.add_argument("--seed", type=int, help="shorthand for --set train.seed=N")
     p.add_argument("--resume", nargs="?", const="auto", help="'auto' (newest complete checkpoint) or a path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set molora.top_k=4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set molora.top_k=4 (repeatable)",
+    )
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 

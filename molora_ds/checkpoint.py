@@ -86,7 +86,9 @@ def resolve_resume(arg: str | None, ckpt_root: Path) -> Path | None:
         found = find_latest(root)
         if found:
             return found
-    raise FileNotFoundError(f"--resume {arg}: no complete checkpoint there (a folder with a {COMPLETE} marker)")
+    raise FileNotFoundError(
+        f"--resume {arg}: no complete checkpoint there (a folder with a {COMPLETE} marker)"
+    )
 
 
 def read_meta(tag_dir: Path) -> dict:
@@ -138,8 +140,19 @@ def to_universal(tag_dir: Path) -> Path:
     if dist.get_rank() == 0 and not is_complete(out):
         shutil.rmtree(out, ignore_errors=True)
         log.info("converting %s to a universal checkpoint for a different process count", tag_dir)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(tag_dir),
+            "--output_folder",
+            str(out),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=os.environ)
         shutil.copy(tag_dir / META, out / META)
         mark_complete(out)

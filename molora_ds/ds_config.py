@@ -21,7 +21,9 @@ _RECIPE_KEYS = {"model", "data", "molora", "optim", "train", "eval", "lr", "meth
 def load_ds_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found; pass --config ds_configs/zero2.json or similar")
+        raise FileNotFoundError(
+            f"DeepSpeed config {path} not found; pass --config ds_configs/zero2.json or similar"
+        )
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -49,7 +51,9 @@ def plan_batches(train: TrainConfig, world: int, ds: dict) -> tuple[int, int]:
             )
     g = train.global_batch
     if g % world:
-        raise ValueError(f"train.global_batch={g} is not divisible by the {world} processes; pick a multiple of {world}")
+        raise ValueError(
+            f"train.global_batch={g} is not divisible by the {world} processes; pick a multiple of {world}"
+        )
     per_rank = g // world
     micro = ds.get("train_micro_batch_size_per_gpu")
     if micro is None:
@@ -87,7 +91,9 @@ def finalize(ds: dict, micro: int, accumulation: int, world: int) -> dict:
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if out.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
-        raise ValueError("fp16 needs a GPU (DeepSpeed's CPU accelerator does not support it); use bf16 or fp32")
+        raise ValueError(
+            "fp16 needs a GPU (DeepSpeed's CPU accelerator does not support it); use bf16 or fp32"
+        )
     return out
 
 

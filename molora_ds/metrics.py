@@ -26,7 +26,9 @@ class MetricsLogger:
             rows = [r for r in self._rows() if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.file = self.path.open("a")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.tb = SummaryWriter(
+            str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+        )
 
     def _rows(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

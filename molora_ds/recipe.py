@@ -95,7 +95,13 @@ class Recipe:
         return dataclasses.asdict(self) | {"molora": self.molora.to_dict()}
 
 
-_SECTIONS = {"data": DataConfig, "molora": MoLoRAConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig}
+_SECTIONS = {
+    "data": DataConfig,
+    "molora": MoLoRAConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
 
 
 def _set_dotted(d: dict, key: str, value: object) -> None:
