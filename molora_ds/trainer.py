@@ -22,7 +22,14 @@ from molora_ds.data.multiple_choice import load_mc_splits, pad_collate, tokenize
 from molora_ds.distributed.env import setup_env
 from molora_ds.ds_config import bf16_enabled, finalize, plan_batches, zero_stage
 from molora_ds.eval import mc_accuracy
-from molora_ds.inject import adapter_state_dict, apply_molora, aux_loss, count_parameters, molora_layers, save_adapter
+from molora_ds.inject import (
+    adapter_state_dict,
+    apply_molora,
+    aux_loss,
+    count_parameters,
+    molora_layers,
+    save_adapter,
+)
 from molora_ds.metrics import MetricsLogger
 from molora_ds.models.loading import load_model
 from molora_ds.optim import GradientPreconditioner, build_optimizer
@@ -87,7 +94,9 @@ class Trainer:
             correct_bias=optim.correct_bias,
         )
         decay = train.decay_steps or math.ceil(train.max_steps / 0.9)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_decay(train.warmup_steps, decay))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_decay(train.warmup_steps, decay)
+        )
 
         # Resume target first: another process count needs the universal format, set before initialize.
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -99,7 +108,9 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config
         )
         self.optimizer.partitioned = zero_stage(self.ds_config) >= 1 or bf16_enabled(self.ds_config)
-        self.preconditioner = GradientPreconditioner(self.engine.module, optim.reg) if optim.riemannian else None
+        self.preconditioner = (
+            GradientPreconditioner(self.engine.module, optim.reg) if optim.riemannian else None
+        )
 
         self.step = 0
         if self.resume_from:
@@ -216,7 +227,9 @@ class Trainer:
         results = {}
         if self.recipe.eval.before and self.step == 0:
             results["accuracy_before"] = self.evaluate()
-        bar = tqdm(total=train.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        bar = tqdm(
+            total=train.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True
+        )
         status = "finished"
         while self.step < train.max_steps:
             row = self.train_step()
@@ -259,16 +272,26 @@ class Trainer:
         ev = self.recipe.eval
         t0 = time.perf_counter()
         res = mc_accuracy(
-            self.engine.module, self.tokenizer, self.eval_set, ev.method, ev.batch_size, self.recipe.data.max_len
+            self.engine.module,
+            self.tokenizer,
+            self.eval_set,
+            ev.method,
+            ev.batch_size,
+            self.recipe.data.max_len,
         )
-        self._log(f"eval ({ev.method}, {res['n']} questions): accuracy {res['accuracy']:.4f} "
-                  f"in {time.perf_counter() - t0:.0f} s")
+        self._log(
+            f"eval ({ev.method}, {res['n']} questions): accuracy {res['accuracy']:.4f} "
+            f"in {time.perf_counter() - t0:.0f} s"
+        )
         self.metrics.scalars({"eval/accuracy": res["accuracy"]}, self.step)
         return res
 
     def _expert_load(self) -> dict[str, list[float]]:
-        return {n: m.expert_load.tolist() for n, m in molora_layers(self.engine.module).items()
-                if m.expert_load is not None}
+        return {
+            n: m.expert_load.tolist()
+            for n, m in molora_layers(self.engine.module).items()
+            if m.expert_load is not None
+        }
 
     def save(self) -> None:
         meta = {"step": self.step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config)}
