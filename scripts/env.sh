@@ -18,3 +18,6 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+# This checkout first: the venv's editable install may point at another clone of the project.
+_MOLORA_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$_MOLORA_ROOT${PYTHONPATH:+:$PYTHONPATH}"
