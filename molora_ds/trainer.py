@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -79,20 +80,7 @@ class Trainer:
         # Optimizer and schedule. Under DeepSpeed the preconditioner runs in gradient hooks (see
         # molora_ds.optim.zero), since ZeRO hands the optimizer flat partitions.
         optim = recipe.optim
-        self.optimizer = build_optimizer(
-            self.model,
-            optim.method,
-            precondition_in_step=False,
-            lr=optim.lr,
-            gate_lr=optim.gate_lr,
-            reg=optim.reg,
-            gate_max_grad_norm=optim.gate_max_grad_norm,
-            weight_decay=optim.weight_decay,
-            betas=optim.betas,
-            eps=optim.eps,
-            momentum=optim.momentum,
-            correct_bias=optim.correct_bias,
-        )
+        self.optimizer = build_optimizer(self.model, precondition_in_step=False, **dataclasses.asdict(optim))
         decay = train.decay_steps or math.ceil(train.max_steps / 0.9)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_decay(train.warmup_steps, decay)
