@@ -20,6 +20,9 @@ Timing: one "step" is forward, then backward of a fixed random dy; gradients are
 After warm-up steps, the variants run round-robin, one step each per round with the starting variant
 rotated, so that the machine's noise falls on all of them alike; the table shows the median (and the
 inter-quartile range) over rounds. CUDA steps are timed with CUDA events.
+Compare variants within one run, not across runs: on a shared 2-core machine the ratio ours / LoRA E*r
+moved between 1.07 and 1.27 from run to run at the paper shape, because each small op then also pays a
+thread wake-up, which weighs on the many-op variants (ours, and the loop far more) under load.
 
 Peak memory: the highest amount of memory allocated above what was live before the step (output,
 activations saved for backward, all gradients included). On CUDA that is ``torch.cuda.max_memory_allocated``.
