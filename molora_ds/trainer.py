@@ -22,7 +22,7 @@ from molora_ds import checkpoint
 from molora_ds.data.multiple_choice import load_mc_splits, pad_collate, tokenize_mc
 from molora_ds.distributed.env import setup_env
 from molora_ds.ds_config import bf16_enabled, finalize, plan_batches, zero_stage
-from molora_ds.eval import mc_accuracy
+from molora_ds.eval import logits_at, mc_accuracy
 from molora_ds.inject import (
     adapter_state_dict,
     apply_molora,
@@ -184,9 +184,13 @@ class Trainer:
             # draws the same masks (seeding by rank would not).
             micro_index = i * self.world + self.rank
             torch.manual_seed((self.recipe.train.seed * 1_000_003 + self.step) * 1_000_033 + micro_index)
-            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # Position t predicts token t + 1: only positions followed by a target need logits.
+            targets_at = batch["labels"][:, 1:]
+            keep = (targets_at != -100).any(dim=0).nonzero().flatten()
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            logits = logits_at(self.engine, inputs, keep)
             token_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum"
+                logits.flatten(0, 1).float(), targets_at[:, keep].flatten(), reduction="sum"
             )
             loss = token_loss * scale
             extra = aux_loss(self.engine.module)

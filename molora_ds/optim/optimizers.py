@@ -186,5 +186,9 @@ def build_optimizer(
     cfg = OptimConfig(method=method, **kwargs)
     groups = param_groups(model, cfg, precondition_in_step)
     if cfg.is_adam:
-        return MoLoRAAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, correct_bias=cfg.correct_bias)
+        # torch's fused AdamW (one pass over memory per tensor, not ~8): same math, to float rounding.
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        return MoLoRAAdamW(
+            groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, correct_bias=cfg.correct_bias, fused=fused
+        )
     return MoLoRASGD(groups, lr=cfg.lr, momentum=cfg.momentum)

@@ -30,15 +30,39 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # bf16 gradients are preconditioned in fp32
 
 
+_BUFFERS: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch tensor, the same one for every call with the same shape, dtype and device.
+
+    On CPU a fresh buffer of a few MB comes from mmap and every page faults on first touch: for a
+    [20, 4, 4096] matrix that costs 2 ms a step where copying into it takes 0.1 ms. Valid until the
+    next call with the same key.
+    """
+    key = (shape, dtype, device)
+    if key not in _BUFFERS:
+        _BUFFERS[key] = torch.empty(shape, dtype=dtype, device=device)
+    return _BUFFERS[key]
+
+
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    return _buffer(t.shape, torch.float64, t.device).copy_(t.detach())
+
+
 def preconditioners(
     lora_a: torch.Tensor, lora_b: torch.Tensor, reg: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P_A, P_B)``, each ``[E, r, r]`` float64: ``P_A = (B^T B + reg)^-1``, ``P_B = (A A^T + reg)^-1``.
 
-    ``lora_a`` is ``[E, r, in]``, ``lora_b`` is ``[E, out, r]``.
+    ``lora_a`` is ``[E, r, in]``, ``lora_b`` is ``[E, out, r]``. The Gram matrices are float64 too:
+    in fp32 their rounding (~1e-7 of the largest eigenvalue) reaches 1e-3 of P_A already after 100
+    steps of training, when B^T B's smallest eigenvalue is ~1e-3 of its largest.
     """
-    a, b = lora_a.detach().double(), lora_b.detach().double()
-    return _regularised_inverse(b.mT @ b, reg), _regularised_inverse(a @ a.mT, reg)
+    b = _float64(lora_b)
+    gram_b = b.mT @ b  # computed before the next _float64 call may reuse the buffer
+    a = _float64(lora_a)
+    return _regularised_inverse(gram_b, reg), _regularised_inverse(a @ a.mT, reg)
 
 
 def precondition_a(grad_a: torch.Tensor, p_a: torch.Tensor) -> torch.Tensor:
@@ -56,7 +80,10 @@ def precondition_b(grad_b: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
 def precondition_(lora_a: torch.Tensor, lora_b: torch.Tensor, reg: float) -> None:
     """Precondition ``lora_a.grad`` and ``lora_b.grad`` in place, from the current parameter values."""
     p_a, p_b = preconditioners(lora_a, lora_b, reg)
-    if lora_a.grad is not None:
-        lora_a.grad.copy_(precondition_a(lora_a.grad, p_a))
-    if lora_b.grad is not None:
-        lora_b.grad.copy_(precondition_b(lora_b.grad, p_b))
+    if (g := lora_a.grad) is not None:
+        dt = _compute_dtype(g)
+        g.copy_(torch.matmul(p_a.to(dt), g.to(dt), out=_buffer(g.shape, dt, g.device)))
+    if (g := lora_b.grad) is not None:
+        dt = _compute_dtype(g)
+        # grad_B P_B as (P_B grad_B^T)^T (P_B is symmetric): 1.5x faster with the long dimension last.
+        g.copy_(torch.matmul(p_b.to(dt), g.to(dt).mT, out=_buffer(g.mT.shape, dt, g.device)).mT)

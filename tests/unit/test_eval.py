@@ -10,7 +10,7 @@ import torch
 from datasets import concatenate_datasets
 
 from molora_ds.data.multiple_choice import format_prompt, load_mc
-from molora_ds.eval import extract_choice, mc_accuracy
+from molora_ds.eval import extract_choice, logits_at, mc_accuracy
 from molora_ds.models.loading import load_model
 
 
@@ -56,6 +56,35 @@ def test_loglik_matches_unpadded_reference(tiny, mixed):
         correct_so_far.append(round(result["accuracy"] * k))
     got = [b - a for a, b in zip(correct_so_far, correct_so_far[1:])]
     assert got == expected
+
+
+class NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep``: logits_at must slice the full logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_logits_at_equals_full_logits(tiny):
+    model, _ = tiny
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 1000, (3, 9), generator=gen),
+        "attention_mask": torch.ones(3, 9, dtype=torch.long),
+    }
+    batch["attention_mask"][1, 6:] = 0
+    positions = torch.tensor([0, 4, 5, 8])
+    with torch.no_grad():
+        full = model(**batch).logits
+        for m in (model, NoLogitsToKeep(model)):
+            got = logits_at(m, batch, positions)
+            assert got.shape == (3, 4, full.shape[-1])
+            torch.testing.assert_close(got, full[:, positions], rtol=1e-5, atol=1e-5)
 
 
 def test_restores_each_module_mode(tiny, mixed):
