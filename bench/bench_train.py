@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_layer import peak_memory_mb  # this folder is on sys.path when run as a script
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -71,6 +72,7 @@ MIN_THROUGHPUT_VS_LORA = 0.85  # MoE-LoRA + gRAdamW tokens/s over plain LoRA's
 MIN_SPEEDUP_VS_LOOP = 5.0  # per-matrix loop step time over ours
 # cpu: time.process_time, this process's CPU time. With one thread it is the compute time, which other
 # processes on a shared machine barely change, where wall time swings by 2x and more.
+CPU = torch.device("cpu")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -172,22 +174,7 @@ def run_training(variants: list[TrainVariant], batches: list[dict[str, torch.Ten
             for j, key in enumerate(v.phase_ms):
                 v.phase_ms[key].append(1e3 * sum(p[j] for p in phases) / len(batches))
     for v in variants:
-        v.step_peak_mb = peak_memory_mb(lambda v=v: train_step(v.model, v.optimizer, batches[0]))
-
-
-def peak_memory_mb(fn: Callable[[], object]) -> float:
-    """Peak of torch's allocations during ``fn`` above what was live before it (see the module docstring)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # The raw event list: prof.events() folds each allocation into the op around it and loses the order.
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
+        v.step_peak_mb = peak_memory_mb(lambda v=v: train_step(v.model, v.optimizer, batches[0]), CPU)
 
 
 def print_profile(variants: list[TrainVariant], batch: dict[str, torch.Tensor], rows: int) -> None:
