@@ -107,6 +107,7 @@ class Trainer:
                 tag = checkpoint.to_universal(tag)
             self.step = checkpoint.load(self.engine, tag)["step"]
             self._log(f"resumed from {tag} at step {self.step}")
+        self.saved_step = self.step  # the newest checkpoint holds this step (or there is none: step 0)
 
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
         self._stop_signal = 0
@@ -224,6 +225,13 @@ class Trainer:
         )
         status = "finished"
         while self.step < train.max_steps:
+            # Checked before each step, so that a signal during the first evaluation stops the run too.
+            if self._all_ranks_any(self._stop_signal != 0):
+                status = "preempted"
+                if self.step != self.saved_step:
+                    self.save()
+                self._log(f"signal received: exiting at step {self.step}, resume with --resume auto")
+                break
             row = self.train_step()
             self.metrics.step(row, self._expert_load() if self.step % train.log_every == 0 else None)
             if row["skipped"]:
@@ -242,13 +250,8 @@ class Trainer:
                     f"|g| experts {row['grad_norm/experts']:.3g} router {row['grad_norm/router']:.3g} "
                     f"{row['tokens_per_s']:.0f} tok/s"
                 )
-            stop = self._all_ranks_any(self._stop_signal != 0)
-            if stop or self.step % train.save_every == 0 or self.step == train.max_steps:
+            if self.step % train.save_every == 0 or self.step == train.max_steps:
                 self.save()
-            if stop:
-                status = "preempted"
-                self._log(f"signal received: checkpoint saved at step {self.step}, exiting")
-                break
         bar.close()
         if status == "finished":
             if self.recipe.eval.after:
@@ -288,6 +291,7 @@ class Trainer:
     def save(self) -> None:
         meta = {"step": self.step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config)}
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, meta, self.recipe.train.keep_last)
+        self.saved_step = self.step
         self._log(f"checkpoint: {path}")
 
     def export_adapter(self) -> Path:
