@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from molora_ds import checkpoint
+from molora_ds.distributed.env import world_size
 from molora_ds.ds_config import load_ds_config, plan_batches, zero_stage
 from molora_ds.recipe import load_recipe
 
@@ -42,17 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _world_size() -> int:
-    """The process count the launcher announces (torchrun/deepspeed, Slurm, Open MPI; else 1),
-    read before any process group exists so that the batch arithmetic is checked in seconds."""
-    if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "").isdigit():  # as distributed/env.py reads it
-        return int(os.environ["WORLD_SIZE"])
-    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -64,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every input is checked before the model is loaded
         recipe = load_recipe(args.recipe, overrides)
         ds_config = load_ds_config(args.config)
-        plan_batches(recipe.train, _world_size(), ds_config)
+        plan_batches(recipe.train, world_size(), ds_config)
         resume_from = checkpoint.resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
         if resume_from is not None:
             checkpoint.check_stage(resume_from, zero_stage(ds_config))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh Debian machine (Python >= 3.10, no GPU needed): Open MPI for mpi4py, a
-# venv with CPU torch, the project in editable mode, the offline assets (model/data wheels, BIG-bench),
-# and DeepSpeed's shm comm op prebuilt. Everything lands under $MOLORA_CACHE (scripts/env.sh).
+# Idempotent set-up for a fresh Debian machine (Python >= 3.10, no GPU needed): Open MPI for mpi4py,
+# Slurm and munge for the cluster-launch tests, a venv with CPU torch, the project in editable mode,
+# the offline assets (model/data wheels, BIG-bench), and DeepSpeed's shm comm op prebuilt. Everything
+# lands under $MOLORA_CACHE (scripts/env.sh).
 #
 # Each step records a key (a hash of what it depends on) under $MOLORA_CACHE/stamps and is skipped
 # while the key is unchanged, so a re-run costs well under a second and an interrupted run resumes
@@ -54,8 +55,9 @@ echo "==== $(date -Is) setup.sh" >>"$LOG"
 
 step_system_packages() {
   # mpi4py's wheel loads libmpi at import time; Debian's Open MPI provides it (and mpicc for sdists).
+  # slurm-wlm and munge: tests/distributed/test_cluster_launch.py runs a local 2-node Slurm.
   local missing=()
-  for pkg in openmpi-bin libopenmpi-dev; do
+  for pkg in openmpi-bin libopenmpi-dev slurm-wlm munge; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return

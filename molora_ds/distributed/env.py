@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import socket
 
+# Open MPI first: mpirun inside a Slurm allocation (sbatch, salloc) hands every rank the batch
+# step's SLURM_PROCID=0 and SLURM_NTASKS, which would make each rank a rank 0 of its own.
 _LAUNCHERS = {
-    "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
     "mpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 }
 
 
@@ -29,6 +31,17 @@ def _slurm_master() -> str:
         "multi-node Slurm job without MASTER_ADDR: export MASTER_ADDR=<first node's address> in the job script "
         "(see launch/slurm.sbatch)"
     )
+
+
+def world_size() -> int:
+    """The process count the launcher announces, read as ``setup_env`` reads it (1 without one);
+    cheap, so that the batch arithmetic is checked before any process group exists."""
+    if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "").isdigit():
+        return int(os.environ["WORLD_SIZE"])
+    for rank, size, _ in _LAUNCHERS.values():
+        if rank in os.environ and os.environ.get(size, "").isdigit():
+            return int(os.environ[size])
+    return 1
 
 
 def setup_env() -> str:

@@ -7,12 +7,9 @@ On a CPU box the deepspeed launcher counts NUMA nodes, not cores, and starts one
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,58 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from molora_ds import MoLoRAConfig, checkpoint, load_adapter
+from tests.distributed.launching import ROOT, check_ok, free_port, metrics, run
 
-ROOT = Path(__file__).resolve().parents[2]
-RUN_TIMEOUT = 420  # a run takes ~1 min alone, several when the 2 cores are shared
 METRIC_KEYS = {"step", "loss", "lr/experts", "lr/router", "grad_norm/experts", "grad_norm/router", "tokens_per_s",
                "seconds", "skipped"}  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and everything under it: torchrun starts each rank in its own session,
-    so the launcher's process group alone would leave the ranks running."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    tree, todo = [pid], [pid]
-    while todo:
-        kids = [child for child, parent in parents.items() if parent == todo.pop()]
-        tree += kids
-        todo += kids
-    for member in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(os.getpgid(member), signal.SIGKILL)
-
-
-def run(cmd: list[str], timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run in its own process group, so that a hung run is killed with all its ranks."""
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s:\n{(out + err)[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def check_ok(result: subprocess.CompletedProcess) -> str:
-    text = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(result.args)} exited with {result.returncode}:\n{text[-4000:]}"
-    return text
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -102,7 +51,7 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_deepspeed_launcher_trains_and_writes_every_output(tmp_path):
     out = tmp_path / "run"
     steps = 4
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "launch/train.py",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
            "--config", "ds_configs/zero2.json", "--recipe", "recipes/tiny.yaml", "--output-dir", str(out),
            "--max-steps", str(steps)]  # fmt: skip
     text = check_ok(run(cmd))
@@ -267,7 +216,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     Skipped steps leave the weights as they are, so every later step is non-finite too."""
     out = tmp_path / "run"
     max_bad = 3
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "launch/train.py", "--config", "ds_configs/zero2.json", "--recipe", "recipes/tiny.yaml",
            "--output-dir", str(out), "--set", "optim.lr=1e37", "--set", "molora.alpha=1000",
            "--set", f"train.max_bad_steps={max_bad}", "--set", "train.max_steps=10",

@@ -13,12 +13,10 @@ The ZeRO-2 cases alone: ``pytest tests/distributed/test_resume.py -k "not zero3"
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,11 +27,19 @@ import torch
 from safetensors.torch import load_file
 
 from molora_ds import checkpoint
+from tests.distributed.launching import (
+    ROOT,
+    RUN_TIMEOUT,
+    children,
+    free_port,
+    kill_tree,
+    losses,
+    metrics,
+    resumed_step,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 SAVE_EVERY = 2
-RUN_TIMEOUT = 420  # seconds; a run takes ~1 min alone, several when the 2 cores are shared
 # Short runs without evaluation: what is compared is the training trajectory. The router's lr
 # differs from the experts' so that a resume which mixed up the two param groups would show.
 COMMON = [
@@ -47,17 +53,11 @@ COMMON = [
 READY = "MoLoRA layers,"  # the Trainer's summary line: logged once resume and signal handlers are set up
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(out: Path, stage: int, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """launch/train.py under torchrun (``nproc`` > 1) or plain python, in its own process group."""
     if nproc > 1:
         cmd = ["torchrun", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "launch/train.py"]  # fmt: skip
+               "--master_port", str(free_port()), "launch/train.py"]  # fmt: skip
     else:
         cmd = [sys.executable, "launch/train.py"]
     cmd += ["--config", f"ds_configs/zero{stage}.json", "--output-dir", str(out), *COMMON, *extra]
@@ -70,39 +70,12 @@ def start(out: Path, stage: int, nproc: int = 2, extra: tuple[str, ...] = ()) ->
     return proc
 
 
-def children(pid: int) -> list[int]:
-    """Pids of the processes whose parent is ``pid`` (for torchrun: the ranks)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            pids.append(int(stat.parent.name))
-    return sorted(pids)
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every rank at once, as a node failure would. The launcher's process
-    group is not enough: torchrun starts each rank in a session of its own."""
-    groups = [proc.pid]
-    todo = [proc.pid]
-    while todo:
-        kids = children(todo.pop())
-        groups += kids
-        todo += kids
-    for pid in groups:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-
-
 def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> tuple[int, str]:
     """Wait for the run; returns (exit code, its output). A hung run is killed with its ranks."""
     try:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        kill_tree(proc)
+        kill_tree(proc.pid)
         rc = proc.wait()
     proc.log.close()
     return rc, Path(proc.log.name).read_text()
@@ -112,18 +85,6 @@ def run(out: Path, stage: int, nproc: int = 2, extra: tuple[str, ...] = ()) -> s
     rc, text = finish(start(out, stage, nproc, extra))
     assert rc == 0, f"run {out} failed with exit code {rc}:\n{text[-4000:]}"
     return text
-
-
-def metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def losses(out: Path) -> dict[int, float]:
-    rows = metrics(out)
-    steps = [r["step"] for r in rows]
-    assert steps == sorted(set(steps)), f"{out}/metrics.jsonl: steps repeated or out of order: {steps}"
-    return {r["step"]: r["loss"] for r in rows}
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -141,7 +102,7 @@ def wait_until(proc: subprocess.Popen, done, what: str, timeout: float = RUN_TIM
             _, text = finish(proc)
             pytest.fail(f"the run ended (exit code {proc.returncode}) before {what}:\n{text[-4000:]}")
         if time.monotonic() > end:
-            kill_tree(proc)
+            kill_tree(proc.pid)
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
 
@@ -161,11 +122,6 @@ def last_step(out: Path) -> int:
 def newest_complete(out: Path) -> int:
     found = checkpoint.find_latest(out / "checkpoints")
     return checkpoint.read_meta(found)["step"] if found else 0
-
-
-def resumed_step(text: str) -> int:
-    line = next(ln for ln in text.splitlines() if "resumed from" in ln)
-    return int(line.rsplit("at step", 1)[1])
 
 
 def assert_same_trajectory(out: Path, ref: dict, from_step: int = 0, tol: float = 0.0) -> None:
@@ -263,7 +219,7 @@ def test_sigkill_resume_signal_resume_is_exact(stage, sig, ranks, reference, tmp
         "a step past the second complete checkpoint",
     )
     ranks_before = children(proc.pid)
-    kill_tree(proc)  # the launcher and every rank, mid-step or mid-save
+    kill_tree(proc.pid)  # the launcher and every rank, mid-step or mid-save
     rc, _ = finish(proc)
     assert rc == -signal.SIGKILL
     time.sleep(0.5)
