@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -118,6 +119,30 @@ def test_plain_python_trains_on_one_process(tmp_path):
         results["status"] == "finished" and "accuracy_after" in results and "accuracy_before" not in results
     )
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.distributed
+def test_signal_during_first_evaluation_stops_before_training(tmp_path):
+    """SIGTERM while the accuracy before training is computed (3 s on 1000 questions): the run
+    finishes that evaluation, trains no step, writes no checkpoint or adapter, and exits 0."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "launch/train.py", "--config", "ds_configs/zero0.json", "--recipe", "recipes/tiny.yaml",
+           "--output-dir", str(out), "--set", "data.eval_size=1000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the set-up line is logged after the signal handlers are installed
+        lines.append(line)
+        if "= global batch" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "preempted" and results["step"] == 0, results
+    assert "accuracy_before" in results and "accuracy_after" not in results
+    assert (
+        not metrics(out) and not list((out / "checkpoints").glob("step*")) and not (out / "adapter").exists()
+    )
 
 
 # ---------------------------------------------------------------------------- bad command lines
