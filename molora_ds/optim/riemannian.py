@@ -16,14 +16,13 @@ import torch
 
 
 def _regularised_inverse(gram: torch.Tensor, reg: float) -> torch.Tensor:
-    """``(gram + reg I)^-1`` for a batch ``[E, r, r]`` of SPD matrices, via Cholesky in float64.
+    """``(gram + reg I)^-1`` for a batch ``[E, r, r]`` of float64 SPD matrices, via Cholesky.
 
     float64 because reg (1e-6 by default) is tiny next to the Gram's scale once B has grown:
     in fp32 the factorisation would lose most digits of the small eigenvalues.
     """
-    g = gram.double()
-    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(g + reg * eye))
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(gram + reg * eye))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -65,25 +64,29 @@ def preconditioners(
     return _regularised_inverse(gram_b, reg), _regularised_inverse(a @ a.mT, reg)
 
 
-def precondition_a(grad_a: torch.Tensor, p_a: torch.Tensor) -> torch.Tensor:
-    """``P_A @ grad_A`` per expert; ``grad_a [E, r, in]``; returned in ``grad_a``'s dtype."""
+def precondition_a(grad_a: torch.Tensor, p_a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``P_A @ grad_A`` per expert; ``grad_a [E, r, in]``; returned in ``grad_a``'s dtype.
+
+    ``out``: an ``[E, r, in]`` tensor of the compute dtype (fp32 or better) to write the product to.
+    """
     dt = _compute_dtype(grad_a)
-    return (p_a.to(dt) @ grad_a.to(dt)).to(grad_a.dtype)
+    return torch.matmul(p_a.to(dt), grad_a.to(dt), out=out).to(grad_a.dtype)
 
 
-def precondition_b(grad_b: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
-    """``grad_B @ P_B`` per expert; ``grad_b [E, out, r]``; returned in ``grad_b``'s dtype."""
+def precondition_b(grad_b: torch.Tensor, p_b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad_B @ P_B`` per expert; ``grad_b [E, out, r]``; returned in ``grad_b``'s dtype.
+
+    Computed as ``(P_B grad_B^T)^T`` (P_B is symmetric): on CPU the product alone is ~7x faster with
+    the long dimension last ([20, 4096, 4]); the result is a transposed view. ``out``: an ``[E, r, out]`` tensor of the compute dtype.
+    """
     dt = _compute_dtype(grad_b)
-    return (grad_b.to(dt) @ p_b.to(dt)).to(grad_b.dtype)
+    return torch.matmul(p_b.to(dt), grad_b.to(dt).mT, out=out).mT.to(grad_b.dtype)
 
 
 def precondition_(lora_a: torch.Tensor, lora_b: torch.Tensor, reg: float) -> None:
     """Precondition ``lora_a.grad`` and ``lora_b.grad`` in place, from the current parameter values."""
     p_a, p_b = preconditioners(lora_a, lora_b, reg)
     if (g := lora_a.grad) is not None:
-        dt = _compute_dtype(g)
-        g.copy_(torch.matmul(p_a.to(dt), g.to(dt), out=_buffer(g.shape, dt, g.device)))
+        g.copy_(precondition_a(g, p_a, out=_buffer(g.shape, _compute_dtype(g), g.device)))
     if (g := lora_b.grad) is not None:
-        dt = _compute_dtype(g)
-        # grad_B P_B as (P_B grad_B^T)^T (P_B is symmetric): 1.5x faster with the long dimension last.
-        g.copy_(torch.matmul(p_b.to(dt), g.to(dt).mT, out=_buffer(g.mT.shape, dt, g.device)).mT)
+        g.copy_(precondition_b(g, p_b, out=_buffer(g.mT.shape, _compute_dtype(g), g.device)))

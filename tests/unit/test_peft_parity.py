@@ -33,10 +33,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_riemannian_optimizer
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from molora_ds import MoLoRAConfig, apply_molora
 from molora_ds.inject import molora_layers
+from molora_ds.models import loading
 from molora_ds.optim import build_optimizer
 
 RANK, ALPHA = 4, 8.0
@@ -54,16 +55,9 @@ class TwoProjections(nn.Module):
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=0,
+    return loading.tiny_llama(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1
     )
-    return LlamaForCausalLM(cfg)
 
 
 def make_pair(builder, dtype=torch.float64, gate_rescale=False):
