@@ -58,7 +58,17 @@ def mixture_of_lora_experts(
     scaling: float,
     rescale: bool,
 ) -> torch.Tensor:
-    """``x [T, in]``, ``lora_a [E, r, in]``, ``lora_b [E, out, r]``, ``gates [T, E]`` -> ``[T, out]``."""
+    """``x [T, in]``, ``lora_a [E, r, in]``, ``lora_b [E, out, r]``, ``gates [T, E]`` -> ``[T, out]``.
+
+    Under ``torch.autocast`` the experts run in the autocast dtype, as ``nn.Linear`` does: x, A and B
+    are cast before the function (the casts' backward returns the gradients in the parameters'
+    dtype). Inside a custom Function autocast would cast the forward's matmuls but not the
+    backward's, which then mixes bf16 gradients with fp32 weights.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, lora_a, lora_b = x.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
     num_experts, rank, in_features = lora_a.shape
     a_cat = lora_a.reshape(num_experts * rank, in_features)
     b_cat = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], num_experts * rank)
