@@ -57,11 +57,13 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, recipe: Recipe, ds_config: dict, output_dir: Path, resume: str | None = None) -> None:
         self.recipe, self.run_dir = recipe, Path(output_dir)
-        self.launcher = setup_env()
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        # The device first, from the launcher's local rank, before anything touches CUDA.
+        self.env = setup_env()
+        self.device = self.env.bind_device()
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False
+        )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         train = recipe.train
 
         # Model and adapters: identical on every rank (seeded), ZeRO partitions them later.
@@ -69,6 +71,9 @@ class Trainer:
         self.model, self.tokenizer = load_model(recipe.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.layer_names = apply_molora(self.model, recipe.molora)
+        # from_pretrained returns a model in eval mode, a config-built one is in train mode: say which,
+        # so that the base model's own dropout does not depend on the loader.
+        self.model.train()
         self.trainable, self.total = count_parameters(self.model)
 
         # Data: a fixed order per epoch, so a step number alone says which examples it sees.
@@ -136,8 +141,8 @@ class Trainer:
         (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
         (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
 
-    def _all_ranks_any(self, flag: bool) -> bool:
-        t = torch.tensor([float(flag)], device=self.device)
+    def _all_ranks_any(self, flag: bool | torch.Tensor) -> bool:
+        t = torch.as_tensor(flag, dtype=torch.float32, device=self.device).reshape(1)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -157,29 +162,37 @@ class Trainer:
         return out
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in batch.items()} if self.device else batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ----------------------------------------------------------------- training
     def train_step(self) -> dict:
-        """One optimizer step over the global batch; the loss is the mean over all its target tokens."""
+        """One optimizer step over the global batch; the loss is the mean over all its target tokens.
+
+        The host waits for the device twice a step (the target count that scales the loss, and the
+        all-ranks non-finite flag before the update), never per micro-batch.
+        """
         t0 = time.perf_counter()
-        batches = [self._to_device(b) for b in self._micro_batches(self.step)]
+        batches = self._micro_batches(self.step)
+        # Counted and indexed on the CPU copies: nothing here waits for the device.
         counts = torch.tensor(
             [
                 sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
                 sum(int(b["attention_mask"].sum()) for b in batches),
             ],
             dtype=torch.float64,
-            device=self.device,
         )
+        keeps = [(b["labels"][:, 1:] != -100).any(dim=0).nonzero().flatten() for b in batches]
+        counts = counts.to(self.device)
         dist.all_reduce(counts)
         targets, tokens = counts.tolist()
         # DeepSpeed averages over ranks and accumulation steps; undo both so that the gradient is the
         # one of sum(token losses) / targets, on any process count.
         scale = self.world * self.accum / targets
         lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}  # the lr this step uses
-        loss_sum, bad = torch.zeros((), dtype=torch.float64, device=self.device), False
-        for i, batch in enumerate(batches):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        for i, (batch, keep) in enumerate(zip(batches, keeps)):
+            batch, keep = self._to_device(batch), keep.to(self.device)
             # Dropout masks depend only on (seed, step, micro-batch of the global batch): exact resume
             # needs no saved RNG state, and another process count with the same micro-batch size
             # draws the same masks (seeding by rank would not).
@@ -187,7 +200,6 @@ class Trainer:
             torch.manual_seed((self.recipe.train.seed * 1_000_003 + self.step) * 1_000_033 + micro_index)
             # Position t predicts token t + 1: only positions followed by a target need logits.
             targets_at = batch["labels"][:, 1:]
-            keep = (targets_at != -100).any(dim=0).nonzero().flatten()
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             logits = logits_at(self.engine, inputs, keep)
             token_loss = F.cross_entropy(
@@ -196,23 +208,32 @@ class Trainer:
             loss = token_loss * scale
             extra = aux_loss(self.engine.module)
             if extra is not None:
-                loss = loss + extra / self.accum
-            bad |= not torch.isfinite(loss).item()
+                # Per micro-batch: DeepSpeed's backward divides it by the accumulation count and the
+                # reduction averages over ranks, i.e. it is the mean over the global batch's micro-batches.
+                loss = loss + extra
+            bad |= ~torch.isfinite(loss)
             self.engine.backward(loss)
             if i == len(batches) - 1:
-                self.optimizer.skip_step = self._all_ranks_any(bad)
+                if self.preconditioner is not None:
+                    bad |= self.preconditioner.failed()
+                # One decision for all ranks: a rank that skipped alone would leave the others' update
+                # and counters out of step with it.
+                skipped = self._all_ranks_any(bad)
+                self.optimizer.skip_step = skipped
             self.engine.step()
             loss_sum += token_loss.detach().double()
         self.optimizer.skip_step = False
+        if self.preconditioner is not None:
+            self.preconditioner.new_step()  # the parameters changed: inverses are stale
         dist.all_reduce(loss_sum)
         seconds = time.perf_counter() - t0
         self.step += 1
         row = {"step": self.step, "loss": loss_sum.item() / targets}
         row |= lrs
         # A skipped step computed no norms: NaN, not the previous step's (nor a missing key at step 1).
-        norms = {} if bad else getattr(self.optimizer, "grad_norms", {})
+        norms = {} if skipped else getattr(self.optimizer, "grad_norms", {})
         row |= {f"grad_norm/{g['name']}": norms.get(g["name"], math.nan) for g in self.optimizer.param_groups}
-        row |= {"tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": int(bad)}
+        row |= {"tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": int(skipped)}
         return row
 
     def fit(self) -> dict:
@@ -282,11 +303,13 @@ class Trainer:
         return res
 
     def _expert_load(self) -> dict[str, list[float]]:
-        return {
-            n: m.expert_load.tolist()
-            for n, m in molora_layers(self.engine.module).items()
-            if m.expert_load is not None
-        }
+        """Each layer's share of routing slots per expert since the last call, over all ranks."""
+        layers = molora_layers(self.engine.module)
+        slots = [m.pop_routed_slots().to(self.device, torch.float64) for m in layers.values()]
+        flat = torch.cat(slots)
+        dist.all_reduce(flat)  # one collective for all layers
+        shares = [c / c.sum().clamp_min(1) for c in flat.split([len(c) for c in slots])]
+        return {n: s.tolist() for n, s in zip(layers, shares)}
 
     def save(self) -> None:
         meta = {"step": self.step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config)}

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
+
+import torch
 
 # Open MPI first: mpirun inside a Slurm allocation (sbatch, salloc) hands every rank the batch
 # step's SLURM_PROCID=0 and SLURM_NTASKS, which would make each rank a rank 0 of its own.
@@ -44,9 +47,44 @@ def world_size() -> int:
     return 1
 
 
-def setup_env() -> str:
-    """Fill the torch.distributed variables from the launcher's; returns the launcher's name."""
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process: the one source of truth for its rank and device."""
+
+    launcher: str  # torch (torchrun, the deepspeed launcher), slurm, mpi or single
+    rank: int
+    world_size: int
+    local_rank: int
+
+    def bind_device(self) -> torch.device:
+        """This process's device, made current: ``cuda:LOCAL_RANK`` on GPUs, else the CPU.
+
+        Called before anything touches CUDA: otherwise every rank's first tensor, and
+        ``torch.cuda.current_device()``, land on cuda:0 while DeepSpeed puts the model on
+        cuda:LOCAL_RANK.
+        """
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if self.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={self.local_rank} but this node has {torch.cuda.device_count()} GPUs: start at most "
+                "that many processes per node"
+            )
+        torch.cuda.set_device(self.local_rank)
+        return torch.device("cuda", self.local_rank)
+
+
+def setup_env() -> LaunchEnv:
+    """Fill the torch.distributed variables from the launcher's; returns what they say."""
+    name = _fill_env()
+    e = os.environ
+    return LaunchEnv(name, int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", "0")))
+
+
+def _fill_env() -> str:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        # torchrun and the deepspeed launcher set LOCAL_RANK; a hand-made RANK/WORLD_SIZE may not.
+        os.environ.setdefault("LOCAL_RANK", "0")
         return "torch"
     for name, (rank, size, local) in _LAUNCHERS.items():
         if rank in os.environ:

@@ -17,7 +17,8 @@ class MoLoRALinear(nn.Module):
     ``s = alpha / r``. With ``gate_rescale`` the backward through expert i is scaled by
     ``sqrt(g_i)`` instead of ``g_i`` (Sun et al. 2025, Algorithm 1); the forward is unchanged.
     After each forward, ``expert_load`` holds the share of routing slots each expert received
-    and, when ``load_balance_coef > 0``, ``aux_loss`` holds the weighted Switch balance loss.
+    in it, ``routed_slots`` the slot counts summed over the training forwards since
+    ``pop_routed_slots()`` (a step's whole load, for logging), and, when ``load_balance_coef > 0``, ``aux_loss`` holds the weighted Switch balance loss.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class MoLoRALinear(nn.Module):
         self.gate_rescale = gate_rescale
         self.load_balance_coef = load_balance_coef
         self.expert_load: torch.Tensor | None = None
+        self.routed_slots: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self.reset_adapter()
 
@@ -80,11 +82,20 @@ class MoLoRALinear(nn.Module):
             self.gate_rescale,
         )
         with torch.no_grad():
-            self.expert_load = (gates > 0).float().mean(0) / self.top_k
+            slots = (gates > 0).sum(0)
+            self.expert_load = slots.float() / (gates.shape[0] * self.top_k)
+            if torch.is_grad_enabled():
+                self.routed_slots = slots if self.routed_slots is None else self.routed_slots + slots
         self.aux_loss = (
             self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
         )
         return y + delta.reshape(y.shape).to(y.dtype)
+
+    def pop_routed_slots(self) -> torch.Tensor:
+        """Slot counts per expert since the last call (zeros if none), and start counting anew."""
+        slots = self.routed_slots
+        self.routed_slots = None
+        return slots if slots is not None else torch.zeros(self.num_experts, dtype=torch.long)
 
     def extra_repr(self) -> str:
         return (

@@ -15,14 +15,17 @@ from __future__ import annotations
 import torch
 
 
-def _regularised_inverse(gram: torch.Tensor, reg: float) -> torch.Tensor:
-    """``(gram + reg I)^-1`` for a batch ``[E, r, r]`` of float64 SPD matrices, via Cholesky.
+def _regularised_inverse(gram: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((gram + reg I)^-1, info)`` for a batch ``[E, r, r]`` of float64 SPD matrices, via Cholesky.
 
     float64 because reg (1e-6 by default) is tiny next to the Gram's scale once B has grown:
-    in fp32 the factorisation would lose most digits of the small eigenvalues.
+    in fp32 the factorisation would lose most digits of the small eigenvalues. ``info`` is
+    ``cholesky_ex``'s (non-zero where a matrix was not positive definite, e.g. NaN parameters):
+    returned as a tensor rather than raised, since raising would make the host wait for the device.
     """
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(gram + reg * eye))
+    factor, info = torch.linalg.cholesky_ex(gram + reg * eye)
+    return torch.cholesky_inverse(factor), info
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -49,10 +52,11 @@ def _float64(t: torch.Tensor) -> torch.Tensor:
     return _buffer(t.shape, torch.float64, t.device).copy_(t.detach())
 
 
-def preconditioners(
+def preconditioners_ex(
     lora_a: torch.Tensor, lora_b: torch.Tensor, reg: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P_A, P_B)``, each ``[E, r, r]`` float64: ``P_A = (B^T B + reg)^-1``, ``P_B = (A A^T + reg)^-1``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P_A, P_B, failed)``, the inverses each ``[E, r, r]`` float64: ``P_A = (B^T B + reg)^-1``,
+    ``P_B = (A A^T + reg)^-1``; ``failed`` a bool tensor, true if a factorisation failed.
 
     ``lora_a`` is ``[E, r, in]``, ``lora_b`` is ``[E, out, r]``. The Gram matrices are float64 too:
     in fp32 their rounding (~1e-7 of the largest eigenvalue) reaches 1e-3 of P_A already after 100
@@ -61,7 +65,21 @@ def preconditioners(
     b = _float64(lora_b)
     gram_b = b.mT @ b  # computed before the next _float64 call may reuse the buffer
     a = _float64(lora_a)
-    return _regularised_inverse(gram_b, reg), _regularised_inverse(a @ a.mT, reg)
+    (p_a, info_a), (p_b, info_b) = _regularised_inverse(gram_b, reg), _regularised_inverse(a @ a.mT, reg)
+    return p_a, p_b, (info_a != 0).any() | (info_b != 0).any()
+
+
+def preconditioners(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, reg: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P_A, P_B)`` of ``preconditioners_ex``; raises if a factorisation failed (a host sync)."""
+    p_a, p_b, failed = preconditioners_ex(lora_a, lora_b, reg)
+    if failed:
+        raise torch.linalg.LinAlgError(
+            "Riemannian preconditioner: B^T B + reg I or A A^T + reg I is not positive definite (non-finite "
+            "adapter weights?)"
+        )
+    return p_a, p_b
 
 
 def precondition_a(grad_a: torch.Tensor, p_a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

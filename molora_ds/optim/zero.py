@@ -5,8 +5,16 @@ expert's matrix in half. The preconditioner is linear in the gradient and depend
 parameters every data-parallel rank holds identically, so we apply it where the full
 per-expert matrices still exist: in a tensor hook on ``lora_A``/``lora_B``, which autograd
 runs before the gradient is accumulated and before ZeRO's reduction hooks see it. The r x r
-inverses come from a forward pre-hook, where ZeRO-3 has already gathered the full parameters.
-Registering both after ``deepspeed.initialize`` puts them after DeepSpeed's own hooks.
+inverses come from the first forward pre-hook of a step, where ZeRO-3 has already gathered the
+full parameters, and serve every micro-batch (and activation recomputation) of that step: the
+parameters only change at the optimizer step. Registering both after ``deepspeed.initialize``
+puts them after DeepSpeed's own hooks.
+
+The Gram matrices come from the parameters the forward sees: under bf16 those are the bf16
+working copies, not the fp32 master weights that ZeRO keeps partitioned in the optimizer. That
+is deliberate: the gradient is evaluated at the bf16 point, and the Riemannian metric belongs
+to the point where the gradient was taken; the master copy would also need a gather per layer
+and step (a collective), where the working copy is already whole here.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from torch import nn
 
 from molora_ds.inject import molora_layers
 from molora_ds.modules import MoLoRALinear
-from molora_ds.optim.riemannian import precondition_a, precondition_b, preconditioners
+from molora_ds.optim.riemannian import precondition_a, precondition_b, preconditioners_ex
 
 
 class GradientPreconditioner:
@@ -27,6 +35,7 @@ class GradientPreconditioner:
     def __init__(self, model: nn.Module, reg: float) -> None:
         self.reg = reg
         self._inverses: dict[MoLoRALinear, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._failed: list[torch.Tensor] = []
         self._handles = []
         for layer in molora_layers(model).values():
             self._handles += [
@@ -36,11 +45,21 @@ class GradientPreconditioner:
             ]
 
     def _capture(self, layer: MoLoRALinear, args) -> None:
-        # Recomputed every forward (micro-batch, activation recomputation): the parameters only
-        # change at the optimizer step, so all forwards of one step see the same values.
-        if not torch.is_grad_enabled():
-            return  # evaluation: no gradient will come
-        self._inverses[layer] = preconditioners(layer.lora_A, layer.lora_B, self.reg)
+        if not torch.is_grad_enabled() or layer in self._inverses:
+            return  # evaluation (no gradient will come), or already computed in this step
+        p_a, p_b, failed = preconditioners_ex(layer.lora_A, layer.lora_B, self.reg)
+        self._inverses[layer] = (p_a, p_b)
+        self._failed.append(failed)
+
+    def new_step(self) -> None:
+        """Call after each optimizer step: the next forward recomputes the inverses."""
+        self._inverses.clear()
+        self._failed.clear()
+
+    def failed(self) -> torch.Tensor:
+        """A bool tensor (no host sync): true if a factorisation of this step failed, so that its
+        preconditioned gradients are garbage and the step must be skipped."""
+        return torch.stack(self._failed).any() if self._failed else torch.tensor(False)
 
     def _grad_a(self, layer: MoLoRALinear, grad: torch.Tensor) -> torch.Tensor:
         return precondition_a(grad, self._inverses[layer][0])

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/distributed/parity_worker.py SPEC.json OUT_DIR
 
-SPEC.json is a list of runs, each ``{"name", "ds_config", "ds_overrides", "recipe_overrides"}``:
+SPEC.json is a list of runs, each ``{"name", "ds_config", "ds_overrides", "recipe_overrides"}`` and
+optionally ``"nan_at": [rank, step]`` (that rank's logits are NaN in that step, 1-based):
 ``ds_config`` names a file under ds_configs/, ``ds_overrides`` is merged into it (one level deep),
 ``recipe_overrides`` are ``--set`` strings applied to recipes/tiny.yaml. Each run is a fresh
 ``Trainer`` writing into ``OUT_DIR/<name>`` (metrics.jsonl, adapter/); a run that raises leaves
@@ -20,6 +21,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import sys
 import time
 import traceback
@@ -37,6 +39,7 @@ from molora_ds.metrics import MetricsLogger
 from molora_ds.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
+_LOGITS_AT = trainer_module.logits_at
 TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
 # A rank stuck in a collective (its peer failed alone) errors out instead of waiting 30 minutes.
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
@@ -49,7 +52,7 @@ def _memoize_loaders() -> None:
 
     def fresh_model(name: str):
         model, tokenizer = load_model(name)
-        return copy.deepcopy(model), tokenizer
+        return copy.deepcopy(model).eval(), tokenizer  # eval mode, as from_pretrained returns it
 
     def tokenize_once(ds, tokenizer, max_len: int):
         # ds and tokenizer are the cached objects, alive for the whole process: their ids are stable keys.
@@ -81,10 +84,22 @@ def engine_facts(trainer: trainer_module.Trainer) -> dict:
             getattr(zero_opt, "cpu_offload", False) or getattr(zero_opt, "offload_optimizer", False)
         ),
         "offload_param": bool(getattr(zero_opt, "offload_param", False)),
+        "training": all(m.training for m in engine.module.modules()),
         "micro_batch": trainer.micro,
         "accumulation": trainer.accum,
         "world": trainer.world,
     }
+
+
+def _inject_nan(trainer: trainer_module.Trainer, rank: int, step: int) -> None:
+    """A fault, not a mock: on ``rank`` only, the logits of step ``step`` come out NaN."""
+    logits_at = trainer_module.logits_at
+
+    def faulty(*args, **kwargs):
+        logits = logits_at(*args, **kwargs)
+        return logits * math.nan if trainer.rank == rank and trainer.step + 1 == step else logits
+
+    trainer_module.logits_at = faulty
 
 
 def run_one(spec: dict, out: Path) -> None:
@@ -93,11 +108,14 @@ def run_one(spec: dict, out: Path) -> None:
         ds_config[key] = ds_config.get(key, {}) | value if isinstance(value, dict) else value
     recipe = load_recipe(TINY_RECIPE, spec.get("recipe_overrides", []))
     trainer = trainer_module.Trainer(recipe, ds_config, out)
+    if "nan_at" in spec:
+        _inject_nan(trainer, *spec["nan_at"])
     try:
         if trainer.rank == 0:  # what DeepSpeed actually built, for the test to check
             (out / "engine.json").write_text(json.dumps(engine_facts(trainer)))
         trainer.fit()
     finally:
+        trainer_module.logits_at = _LOGITS_AT
         trainer.engine.destroy()
 
 

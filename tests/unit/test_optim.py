@@ -318,10 +318,12 @@ def test_gradient_hooks_equal_in_step_preconditioning_with_accumulation():
 
     opt_in_step.step()
     opt_hooked.step()
+    preconditioner.new_step()  # as the trainer does after every optimizer step
+    assert not preconditioner.failed()
     for a, b in zip(in_step.parameters(), hooked.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
-    # the hooks keep following the parameters after the step, and come off on remove()
+    # the hooks follow the parameters after new_step(), and come off on remove()
     opt_hooked.zero_grad()
     backward(hooked, 2)
     snap = snapshot(hooked)  # grads already preconditioned, params are post-step
