@@ -31,6 +31,7 @@ from molora_ds.inject import (
     adapter_state_dict,
     molora_layers,
 )
+from molora_ds.modules import Router
 from molora_ds.optim import build_optimizer
 
 VOCAB = 64
@@ -379,3 +380,19 @@ def test_adapter_state_dict_holds_only_adapters():
     assert len(state) == 3 * 4
     assert all(k.endswith(ADAPTER_SUFFIXES) for k in state)
     assert all(isinstance(m, MoLoRALinear) for m in molora_layers(model).values())
+
+
+def test_peft_all_linear_does_not_wrap_the_router():
+    """PEFT's "all-linear" picks modules by ``isinstance(m, nn.Linear)``: the router returns a tuple and
+    must not be one. Failed before: Router subclassed nn.Linear and PEFT wrapped every router."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny_llama()
+    apply_molora(model, MoLoRAConfig(num_experts=4, rank=2, top_k=2, target_modules=["q_proj"]))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+    assert any(n.endswith("k_proj") for n in wrapped)
+    assert [n for n in wrapped if "router" in n] == []
+    assert all(isinstance(m.router, Router) for m in molora_layers(peft_model).values())
+    peft_model(**batch(peft_model)).loss.backward()  # and the model still runs
