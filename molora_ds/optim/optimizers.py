@@ -57,15 +57,16 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown optimizer method {self.method!r}; choose one of {METHODS}")
-        base, *implied = SHORTHANDS.get(self.method, (self.method, False, False))
-        for switch, by_method in zip(("precondition", "gate_rescale"), implied, strict=True):
+        # a base method implies nothing (None): its switches default to off
+        base, precondition, gate_rescale = SHORTHANDS.get(self.method, (self.method, None, None))
+        for switch, implied in (("precondition", precondition), ("gate_rescale", gate_rescale)):
             value = getattr(self, switch)
-            if value is not None and value != by_method and self.method in SHORTHANDS:
+            if None not in (value, implied) and value != implied:
                 raise ValueError(
-                    f"{switch}={value} contradicts method={self.method!r}, which sets {switch}={by_method}; "
+                    f"{switch}={value} contradicts method={self.method!r}, which sets {switch}={implied}; "
                     f"use method={base!r} with explicit precondition and gate_rescale"
                 )
-            setattr(self, switch, by_method if value is None else value)
+            setattr(self, switch, bool(implied) if value is None else value)
         if self.lr is None:
             self.lr = 1e-5 if self.is_adam else 3e-5
         if self.reg <= 0:
