@@ -171,6 +171,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> MoLoRAConfig:
         raise ValueError(
             f"adapter {path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+    _check_layers_match(model, cfg, path)
     bad = [
         (k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape
     ]
@@ -180,3 +181,28 @@ def load_adapter(model: nn.Module, path: str | Path) -> MoLoRAConfig:
         for k, p in expected.items():
             p.copy_(state[k])
     return cfg
+
+
+def _check_layers_match(model: nn.Module, cfg: MoLoRAConfig, path: Path) -> None:
+    """The already-injected layers must be the ones the adapter was trained with, not just the same shapes.
+
+    top_k, alpha and gate_rescale leave the tensors' shapes alone, so a mismatch would load silently
+    and compute another function than the one trained.
+    """
+    layers = molora_layers(model)
+    experts = _experts_per_module(list(layers), cfg)
+    for name, m in layers.items():
+        # (field, the file's value, the layer's value, equal); a layer keeps alpha only as alpha / rank
+        checks = [
+            ("num_experts", experts[name], m.num_experts, experts[name] == m.num_experts),
+            ("rank", cfg.rank, m.rank, cfg.rank == m.rank),
+            ("top_k", cfg.top_k, m.top_k, cfg.top_k == m.top_k),
+            ("alpha", cfg.alpha, m.scaling * m.rank, cfg.scaling == m.scaling),
+            ("gate_rescale", cfg.gate_rescale, m.gate_rescale, cfg.gate_rescale == m.gate_rescale),
+        ]
+        for field, want, have, equal in checks:
+            if not equal:
+                raise ValueError(
+                    f"adapter {path} has {field}={want}, but the model's layer {name} has {field}={have}: "
+                    "load it into a model without adapters, or inject with the adapter's config"
+                )

@@ -192,8 +192,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
     if recipe.molora.gate_rescale != recipe.optim.gate_rescale:
         if "gate_rescale" in raw.get("molora", {}):
             raise ValueError(
-                f"recipe: molora.gate_rescale={recipe.molora.gate_rescale} contradicts optim.method="
-                f"{recipe.optim.method!r}; the g-methods (grsgd, gradamw) imply gate_rescale=True, the others False"
+                f"recipe: molora.gate_rescale={recipe.molora.gate_rescale} contradicts optim.gate_rescale="
+                f"{recipe.optim.gate_rescale} (optimizer {recipe.optim.name!r}); set optim.gate_rescale, "
+                "or drop molora.gate_rescale: it follows the optimizer"
             )
         recipe.molora.gate_rescale = recipe.optim.gate_rescale
     return recipe

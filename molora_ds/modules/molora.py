@@ -72,7 +72,7 @@ class MoLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         tokens = x.reshape(-1, x.shape[-1])
-        gates, probs = self.router(tokens.to(self.router.weight.dtype))
+        gates, probs = self.router(tokens)
         delta = mixture_of_lora_experts(
             self.dropout(tokens).to(self.lora_A.dtype),
             self.lora_A,

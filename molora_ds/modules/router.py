@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -32,12 +34,51 @@ def switch_balance_loss(gates: torch.Tensor, probs: torch.Tensor) -> torch.Tenso
     return num_experts * (f * probs.mean(0)).sum()
 
 
-class Router(nn.Linear):
-    """``nn.Linear(in, E, bias=False)`` whose forward returns top-k gates (fp32) and probabilities."""
+class RouterLogits(torch.autograd.Function):
+    """``x @ weight^T`` in (at least) fp32 whatever the inputs' dtypes and any autocast; gradients too.
+
+    bf16 logits carry ~3 significant digits: at E=20, in=4096 about 0.3% of tokens get another
+    top-10 set than from fp32 logits of the same bf16 values. Plain autograd of
+    ``x.float() @ weight.float().T`` would keep an fp32 copy of x for the backward (twice the bf16
+    activation, in every MoLoRA layer); this saves x as given and upcasts again in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return x.to(dtype) @ weight.to(dtype).T
+
+    @staticmethod
+    def backward(ctx, d_logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dtype = d_logits.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            dx = (d_logits @ weight.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+            dw = (d_logits.T @ x.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+class Router(nn.Module):
+    """Top-k gates (fp32) and probabilities from ``softmax(x @ weight^T)``, ``weight [E, in]``.
+
+    Stores and initialises ``weight`` as ``nn.Linear(in, E, bias=False)`` would, but is not one: it
+    returns a tuple, and tools that find linears by type (PEFT's "all-linear", quantisers) must not
+    wrap it.
+    """
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, **factory) -> None:
-        super().__init__(in_features, num_experts, bias=False, **factory)
-        self.top_k = top_k
+        super().__init__()
+        self.in_features, self.num_experts, self.top_k = in_features, num_experts, top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, **factory))
+        self.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        return top_k_gates(super().forward(x), self.top_k)
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return top_k_gates(RouterLogits.apply(x, self.weight), self.top_k)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_experts={self.num_experts}, top_k={self.top_k}"

@@ -1,4 +1,4 @@
-"""The six training methods: sgd, adamw, rsgd, radamw and the gate-rescaled grsgd, gradamw.
+"""SGD or AdamW, with two switches: Riemannian preconditioning and gate rescale (DESIGN.md section 2).
 
 Experts and routers are separate param groups. The expert group may be Riemannian-
 preconditioned inside ``step`` (plain PyTorch, DDP) or by gradient hooks before ZeRO's
@@ -8,6 +8,7 @@ clip, computed over all routers together; the experts are never clipped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,14 +18,32 @@ from torch import nn
 from molora_ds.inject import molora_layers
 from molora_ds.optim.riemannian import precondition_
 
-METHODS = ("sgd", "adamw", "rsgd", "radamw", "grsgd", "gradamw")
+BASE_METHODS = ("sgd", "adamw")
+# The paper's names: r = preconditioned, g = preconditioned and gate-rescaled.
+# shorthand -> (base method, precondition, gate_rescale)
+SHORTHANDS = {
+    "rsgd": ("sgd", True, False),
+    "radamw": ("adamw", True, False),
+    "grsgd": ("sgd", True, True),
+    "gradamw": ("adamw", True, True),
+}
+METHODS = (*BASE_METHODS, *SHORTHANDS)
 
 
 @dataclass
 class OptimConfig:
-    """Paper defaults (DESIGN.md section 5); ``lr=None`` takes 3e-5 for the SGD family, 1e-5 for AdamW."""
+    """Paper defaults (DESIGN.md section 5); ``lr=None`` takes 3e-5 for the SGD family, 1e-5 for AdamW.
+
+    ``method`` is the base update (``sgd`` | ``adamw``) or a shorthand that also sets both switches.
+    ``precondition``: Riemannian preconditioning of the expert gradients. ``gate_rescale``: the layers'
+    sqrt(g) backward (DESIGN.md section 1), which ``build_optimizer`` checks the layers agree with.
+    ``None`` takes the method's value (off for ``sgd`` / ``adamw``); after construction both are bools,
+    so ``dataclasses.asdict`` of a config rebuilds the same config.
+    """
 
     method: str = "gradamw"
+    precondition: bool | None = None
+    gate_rescale: bool | None = None
     lr: float | None = None
     gate_lr: float = 3e-8
     reg: float = 1e-6
@@ -38,6 +57,16 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown optimizer method {self.method!r}; choose one of {METHODS}")
+        # a base method implies nothing (None): its switches default to off
+        base, precondition, gate_rescale = SHORTHANDS.get(self.method, (self.method, None, None))
+        for switch, implied in (("precondition", precondition), ("gate_rescale", gate_rescale)):
+            value = getattr(self, switch)
+            if None not in (value, implied) and value != implied:
+                raise ValueError(
+                    f"{switch}={value} contradicts method={self.method!r}, which sets {switch}={implied}; "
+                    f"use method={base!r} with explicit precondition and gate_rescale"
+                )
+            setattr(self, switch, bool(implied) if value is None else value)
         if self.lr is None:
             self.lr = 1e-5 if self.is_adam else 3e-5
         if self.reg <= 0:
@@ -45,20 +74,31 @@ class OptimConfig:
         self.betas = tuple(self.betas)
 
     @property
+    def base(self) -> str:
+        return SHORTHANDS[self.method][0] if self.method in SHORTHANDS else self.method
+
+    @property
     def is_adam(self) -> bool:
-        return self.method.endswith("adamw")
+        return self.base == "adamw"
 
     @property
     def riemannian(self) -> bool:
-        return self.method.startswith(("r", "g"))
+        return self.precondition
 
     @property
-    def gate_rescale(self) -> bool:
-        return self.method.startswith("g")
+    def name(self) -> str:
+        """The paper's name (``gradamw``, ``rsgd``, ``adamw``); the ablation without preconditioning is ``adamw+sqrt``."""
+        if self.gate_rescale and not self.precondition:
+            return f"{self.base}+sqrt"
+        return ("gr" if self.gate_rescale else "r" if self.precondition else "") + self.base
 
 
 class _MoLoRAGroups:
     """Mixin run before the base update: precondition expert pairs, clip the router group.
+
+    ``pairs``: each layer's ``(lora_A, lora_B)``, preconditioned in ``step`` with ``reg``; empty when
+    nothing is (plain methods, or gradient hooks do it). Paired by layer, not by position in the
+    param group: a parameter without a gradient must not shift the pairs after it.
 
     ``grad_norm_group``: when ZeRO hands this optimizer partitions of flat gradients, set it to
     the data-parallel process group so that norms are summed over all partitions.
@@ -71,17 +111,23 @@ class _MoLoRAGroups:
     partitioned: bool = False
     skip_step: bool = False
 
+    def __init__(
+        self, params, *, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), reg: float = 1e-6, **kwargs
+    ) -> None:
+        super().__init__(params, **kwargs)
+        self.pairs, self.reg = list(pairs), reg
+
     def _prepare_grads(self) -> None:
         self.grad_norms = getattr(self, "grad_norms", {})
+        for a, b in self.pairs:
+            if a.grad is not None or b.grad is not None:
+                precondition_(a, b, self.reg)
         for group in self.param_groups:
             if not group["params"]:
                 # ZeRO-3 calls step once per sub-group, with every other group's list emptied: that
                 # group's norm is taken (and all-reduced, on all ranks alike) in its own call.
                 continue
             params = [p for p in group["params"] if p.grad is not None]
-            if group.get("precondition_in_step"):
-                for a, b in zip(params[0::2], params[1::2], strict=True):
-                    precondition_(a, b, group["reg"])
             norm = self._global_norm([p.grad for p in params])
             self.grad_norms[group["name"]] = norm.item()
             if group.get("max_grad_norm"):
@@ -143,27 +189,24 @@ class MoLoRAAdamW(_MoLoRAGroups, torch.optim.AdamW):
         return None
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig, precondition_in_step: bool) -> list[dict]:
-    """Experts as (A, B) pairs in layer order, then all routers."""
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Experts as A0, B0, A1, B1, ... in layer order, then all routers."""
     layers = list(molora_layers(model).values())
     if not layers:
         raise ValueError("the model has no MoLoRALinear layers: call apply_molora(model, cfg) first")
     wrong = [n for n, m in molora_layers(model).items() if m.gate_rescale != cfg.gate_rescale]
     if wrong:
         raise ValueError(
-            f"method {cfg.method!r} needs gate_rescale={cfg.gate_rescale} in MoLoRAConfig, but {wrong[0]} and "
-            f"{len(wrong) - 1} more layers have gate_rescale={not cfg.gate_rescale}: the g-methods (grsgd, gradamw) "
-            "are the others with gate_rescale=True"
+            f"optimizer {cfg.name!r} needs gate_rescale={cfg.gate_rescale} in MoLoRAConfig, but {wrong[0]} and "
+            f"{len(wrong) - 1} more layers have gate_rescale={not cfg.gate_rescale}: set the same gate_rescale "
+            "in both (the g-methods grsgd, gradamw set it to True, the others to False unless given)"
         )
-    experts = [p for m in layers for p in (m.lora_A, m.lora_B)]
     return [
         {
             "name": "experts",
-            "params": experts,
+            "params": [p for m in layers for p in (m.lora_A, m.lora_B)],
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
-            "reg": cfg.reg,
-            "precondition_in_step": cfg.riemannian and precondition_in_step,
         },
         {
             "name": "router",
@@ -184,11 +227,20 @@ def build_optimizer(
     (``molora_ds.optim.zero.GradientPreconditioner``), as DeepSpeed ZeRO needs.
     """
     cfg = OptimConfig(method=method, **kwargs)
-    groups = param_groups(model, cfg, precondition_in_step)
+    groups = param_groups(model, cfg)
+    in_step = cfg.precondition and precondition_in_step
+    pairs = [(m.lora_A, m.lora_B) for m in molora_layers(model).values()] if in_step else []
     if cfg.is_adam:
         # torch's fused AdamW (one pass over memory per tensor, not ~8): same math, to float rounding.
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         return MoLoRAAdamW(
-            groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, correct_bias=cfg.correct_bias, fused=fused
+            groups,
+            pairs=pairs,
+            reg=cfg.reg,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            correct_bias=cfg.correct_bias,
+            fused=fused,
         )
-    return MoLoRASGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return MoLoRASGD(groups, pairs=pairs, reg=cfg.reg, lr=cfg.lr, momentum=cfg.momentum)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -30,6 +31,7 @@ from molora_ds.inject import (
     adapter_state_dict,
     molora_layers,
 )
+from molora_ds.modules import Router
 from molora_ds.optim import build_optimizer
 
 VOCAB = 64
@@ -312,14 +314,25 @@ def test_load_into_model_already_injected_with_same_config(tmp_path):
     assert torch.equal(logits(fresh.eval()), logits(model))
 
 
-def test_load_adapter_of_different_rank_raises(tmp_path):
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_experts", 5), ("rank", 3), ("top_k", 3), ("alpha", 16.0), ("gate_rescale", False)],
+)
+def test_load_adapter_into_layers_of_another_config_raises(tmp_path, field, value):
+    """The file says ROUND_TRIP_CFG; the model was injected with one field changed.
+
+    Failed before: top_k, alpha and gate_rescale loaded silently (the shapes agree), rank and
+    num_experts raised a shape mismatch that named neither field.
+    """
     model = trained_llama()
     save_adapter(tmp_path, adapter_state_dict(model), ROUND_TRIP_CFG)
     fresh = fresh_llama()
-    other = MoLoRAConfig(num_experts=4, rank=3, top_k=2, alpha=8.0, dropout=0.1)
-    apply_molora(fresh, other)
+    apply_molora(fresh, dataclasses.replace(ROUND_TRIP_CFG, **{field: value}))
+    want = ROUND_TRIP_CFG.to_dict()[field]
+    layer = "model.layers.0.self_attn.q_proj"
     with pytest.raises(
-        ValueError, match=r"shape mismatch \(name, file, model\): .*lora_A', \(4, 2, 16\), \(4, 3, 16\)"
+        ValueError,
+        match=re.escape(f"has {field}={want}, but the model's layer {layer} has {field}={value}: load it"),
     ):
         load_adapter(fresh, tmp_path)
 
@@ -367,3 +380,19 @@ def test_adapter_state_dict_holds_only_adapters():
     assert len(state) == 3 * 4
     assert all(k.endswith(ADAPTER_SUFFIXES) for k in state)
     assert all(isinstance(m, MoLoRALinear) for m in molora_layers(model).values())
+
+
+def test_peft_all_linear_does_not_wrap_the_router():
+    """PEFT's "all-linear" picks modules by ``isinstance(m, nn.Linear)``: the router returns a tuple and
+    must not be one. Failed before: Router subclassed nn.Linear and PEFT wrapped every router."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny_llama()
+    apply_molora(model, MoLoRAConfig(num_experts=4, rank=2, top_k=2, target_modules=["q_proj"]))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+    assert any(n.endswith("k_proj") for n in wrapped)
+    assert [n for n in wrapped if "router" in n] == []
+    assert all(isinstance(m.router, Router) for m in molora_layers(peft_model).values())
+    peft_model(**batch(peft_model)).loss.backward()  # and the model still runs

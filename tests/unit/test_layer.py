@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from molora_ds import MoLoRALinear
-from molora_ds.modules import Router
+from molora_ds.modules import Router, top_k_gates
 
 IN, OUT = 12, 10
 SHAPES = [(1, 1, 1), (4, 2, 1), (5, 3, 2), (8, 4, 8)]  # (E, r, k): k=1 and k=E included
@@ -162,6 +162,85 @@ def test_bfloat16_router_softmax_in_float32():
     torch.testing.assert_close(gates.sum(-1), ones, rtol=0, atol=1e-6)
     torch.testing.assert_close(probs.sum(-1), ones, rtol=0, atol=1e-6)
     assert ((gates > 0).sum(-1) == 3).all()
+
+
+def bf16_router_case(tokens: int = 4096) -> tuple[MoLoRALinear, torch.Tensor]:
+    """A bf16 layer of the paper's router shape (E=20, top-10, in=4096) with default init, and inputs.
+
+    Seeded on CPU: 4096 tokens, of which 13 get another top-10 set from bf16 logits on the machine
+    where this was written (1024 tokens: 2); the tests below assert that at least one does.
+    """
+    torch.manual_seed(0)
+    layer = MoLoRALinear(nn.Linear(4096, 8, dtype=torch.bfloat16), 20, 4, 10, alpha=16.0)
+    x = torch.randn(tokens, 4096, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    return layer, x
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, logits.topk(k, dim=-1).indices, True)
+
+
+def test_bfloat16_router_logits_in_float32():
+    """The top-10 set equals the one from fp32 logits of the same bf16 weights and inputs, exactly.
+
+    Exact because the reference is the same fp32 product of the same bf16 values, on the same
+    kernel. Failed before the logits were fp32: they were bf16 (only the softmax was upcast).
+    """
+    layer, x = bf16_router_case()
+    captured = {}
+    layer.router.register_forward_hook(lambda m, i, out: captured.update(gates=out[0]))
+    layer(x)
+    w = layer.router.weight.detach()
+    want = top_k_mask(x.float() @ w.float().T, 10)
+    assert captured["gates"].dtype == torch.float32
+    assert torch.equal(captured["gates"] > 0, want)
+    # The case can fail: bf16 logits (softmax upcast or not) pick another set on some tokens.
+    assert (top_k_mask((x @ w.T).float(), 10) != want).any(-1).sum() >= 1
+
+
+def test_router_ignores_autocast_and_saves_no_float32_copy_of_x():
+    """Under bf16 autocast an fp32 router gives the same gates as without; the backward keeps x as given.
+
+    Plain autograd of ``x.float() @ W.float().T`` would save an fp32 copy of every layer's bf16 input.
+    """
+    layer, x = bf16_router_case()
+    router = Router(4096, 20, top_k=10)
+    with torch.no_grad():
+        router.weight.copy_(layer.router.weight)
+    want, _ = router(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = router(x.float())
+    assert torch.equal(got, want)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        gates, _ = layer.router(x)
+    assert [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.shape == x.shape] == []
+    # The gradients are the fp32 ones of the same bf16 values, rounded once to bf16.
+    upstream = torch.randn(gates.shape, generator=torch.Generator().manual_seed(2))
+    (gates * upstream).sum().backward()
+    xr = x.float().requires_grad_()
+    wr = layer.router.weight.detach().float().requires_grad_()
+    (top_k_gates(xr @ wr.T, 10)[0] * upstream).sum().backward()
+    # one bf16 rounding of an fp32 value: relative error <= 2^-8 (plus fp32 summation-order noise)
+    torch.testing.assert_close(
+        layer.router.weight.grad.float(), wr.grad, rtol=2**-8, atol=1e-6 * wr.grad.abs().max().item()
+    )
+
+
+def test_no_linear_inside_the_layer_but_its_base():
+    """Tools that find linears by type (PEFT "all-linear", quantisers) must not wrap the router.
+
+    Failed before: Router subclassed nn.Linear.
+    """
+    layer = make_layer(4, 2, 2, rescale=True)
+    assert [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)] == ["base_layer"]
+    assert dict(layer.named_parameters()).keys() >= {"router.weight"}
+    # nn.Linear's default init, drawn the same way (same generator state gives the same weight)
+    torch.manual_seed(5)
+    router = Router(IN, 6, top_k=2)
+    torch.manual_seed(5)
+    assert torch.equal(router.weight, nn.Linear(IN, 6, bias=False).weight)
 
 
 @pytest.mark.parametrize("rescale", [False, True])

@@ -8,6 +8,7 @@ batched Cholesky and calls torch's optimizers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from torch import nn
 
 from molora_ds import MoLoRAConfig, apply_molora
 from molora_ds.inject import molora_layers
-from molora_ds.optim import METHODS, GradientPreconditioner, build_optimizer
+from molora_ds.optim import BASE_METHODS, METHODS, GradientPreconditioner, OptimConfig, build_optimizer
 from molora_ds.optim.riemannian import precondition_
 
 DT = torch.float64
@@ -110,13 +111,13 @@ class HandAdamW:
 
 
 def expected_after_step(method, snaps, adam_experts=None, adam_router=None, t=1, reg=REG):
-    """Parameters after step ``t`` of ``method`` from the pre-step snapshot."""
+    """Parameters after step ``t`` of ``method`` (an ``OptimConfig.name``) from the pre-step snapshot."""
     coef = router_clip_coef(snaps)
     out = []
     for li, s in enumerate(snaps):
         ga, gb = hand_precondition(s, reg) if method.startswith(("r", "g")) else (s["gA"], s["gB"])
         gr = s["gR"] * coef
-        if method.endswith("adamw"):
+        if "adamw" in method:
             out.append(
                 {
                     "A": adam_experts.step(("A", li), s["A"], ga, t),
@@ -154,6 +155,59 @@ def test_one_step_matches_hand_formula(method):
         for key in ("A", "B"):
             assert (plain[0][key] - want[0][key]).abs().max() > 1e-4
     assert opt.grad_norms["router"] == pytest.approx(math.sqrt(sum(s["gR"].square().sum() for s in snaps)))
+
+
+@pytest.mark.parametrize("base", BASE_METHODS)
+def test_gate_rescale_without_preconditioning(base):
+    """The paper's ablation (the sqrt(g) backward, plain base update) trains: one step by hand.
+
+    Failed before the explicit switches: build_optimizer(model, "sgd", gate_rescale=True) was a TypeError.
+    """
+    model = make_model(gate_rescale=True)
+    opt = build_optimizer(model, base, gate_rescale=True, lr=EXPERT_LR, gate_lr=GATE_LR, reg=REG)
+    assert opt.pairs == []
+    backward(model, 0, loss_scale=50.0)
+    snaps = snapshot(model)
+    want = expected_after_step(f"{base}+sqrt", snaps, HandAdamW(EXPERT_LR), HandAdamW(GATE_LR))
+    opt.step()
+    assert_params(model, want)
+    # The layers did rescale: without it the same point has other expert gradients.
+    plain = make_model(gate_rescale=False)
+    backward(plain, 0, loss_scale=50.0)
+    assert (snapshot(plain)[0]["gA"] - snaps[0]["gA"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"method": "sgd"}, "sgd"),
+        ({"method": "adamw", "gate_rescale": True}, "adamw+sqrt"),
+        ({"method": "sgd", "gate_rescale": True, "precondition": False}, "sgd+sqrt"),
+        ({"method": "adamw", "precondition": True}, "radamw"),
+        ({"method": "sgd", "precondition": True, "gate_rescale": True}, "grsgd"),
+        ({"method": "rsgd"}, "rsgd"),
+        ({"method": "gradamw", "precondition": True, "gate_rescale": True}, "gradamw"),
+        ({"method": "radamw", "gate_rescale": False}, "radamw"),
+    ],
+)
+def test_switches_resolve_and_round_trip(kwargs, name):
+    cfg = OptimConfig(**kwargs)
+    assert cfg.name == name
+    assert cfg.precondition is cfg.riemannian is name.startswith(("r", "g"))
+    assert cfg.gate_rescale is (name.startswith("g") or name.endswith("+sqrt"))
+    assert cfg.is_adam is ("adamw" in name)
+    assert OptimConfig(**dataclasses.asdict(cfg)) == cfg  # what a saved recipe reloads to
+
+
+@pytest.mark.parametrize(
+    ("method", "switch", "value"),
+    [("gradamw", "precondition", False), ("grsgd", "gate_rescale", False), ("rsgd", "gate_rescale", True)],
+)
+def test_switch_contradicting_the_shorthand_raises(method, switch, value):
+    with pytest.raises(
+        ValueError, match=f"^{switch}={value} contradicts method='{method}', which sets {switch}="
+    ):
+        OptimConfig(method=method, **{switch: value})
 
 
 @pytest.mark.parametrize("method", ["adamw", "radamw", "gradamw"])
@@ -254,12 +308,14 @@ def test_param_groups_and_defaults():
     opt = build_optimizer(model)  # gradamw with the paper's defaults
     experts, router = opt.param_groups
     assert (experts["name"], router["name"]) == ("experts", "router")
-    assert experts["lr"] == 1e-5 and router["lr"] == 3e-8 and experts["reg"] == 1e-6
+    assert experts["lr"] == 1e-5 and router["lr"] == 3e-8 and opt.reg == 1e-6
     assert router["max_grad_norm"] == 1.0 and "max_grad_norm" not in experts
     assert opt.defaults["eps"] == 1e-6 and opt.defaults["betas"] == (0.9, 0.999)
     layers = list(molora_layers(model).values())
     assert experts["params"] == [p for m in layers for p in (m.lora_A, m.lora_B)]
     assert router["params"] == [m.router.weight for m in layers]
+    assert opt.pairs == [(m.lora_A, m.lora_B) for m in layers]
+    assert build_optimizer(make_model(True), precondition_in_step=False).pairs == []
     assert build_optimizer(make_model(True), "grsgd").param_groups[0]["lr"] == 3e-5
 
 
@@ -272,6 +328,26 @@ def test_g_method_needs_gate_rescale(method):
 def test_plain_method_on_gate_rescaled_model_raises():
     with pytest.raises(ValueError, match="needs gate_rescale=False"):
         build_optimizer(make_model(gate_rescale=True), "rsgd")
+    with pytest.raises(ValueError, match="optimizer 'adamw\\+sqrt' needs gate_rescale=True"):
+        build_optimizer(make_model(gate_rescale=False), "adamw", gate_rescale=True)
+
+
+@pytest.mark.parametrize("method", ["rsgd", "radamw"])
+def test_pairs_by_layer_when_a_gradient_is_missing(method):
+    """Layer 0's A has no gradient: every other factor is preconditioned with its own layer's A and B.
+
+    Failed before pairing by layer: the filtered list [B0, A1, B1] was paired by position.
+    """
+    model = make_model(gate_rescale=False)
+    opt = build_optimizer(model, method, lr=EXPERT_LR, gate_lr=GATE_LR, reg=REG)
+    backward(model, 0, loss_scale=50.0)
+    snaps = snapshot(model)
+    a0 = model[0].lora_A.detach().clone()
+    model[0].lora_A.grad = None
+    want = expected_after_step(method, snaps, HandAdamW(EXPERT_LR), HandAdamW(GATE_LR))
+    want[0]["A"] = a0  # no gradient: torch's optimizers leave it alone
+    opt.step()
+    assert_params(model, want)
 
 
 def test_unknown_method_raises():

@@ -116,6 +116,9 @@ def test_exponent_floats_are_numbers(tmp_path, text):
         (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),
         (["data.eval_size=0"], "data.eval_size and data.max_len must be >= 1"),
         (["optim.reg=0"], "reg must be > 0"),
+        (["optim.precondition=false"], "precondition=False contradicts method='gradamw', which sets"),
+        (["optim.method=rsgd", "optim.gate_rescale=true"], "gate_rescale=True contradicts method='rsgd'"),
+        (["optim.precondition=1"], "optim.precondition must be bool | None, got 1"),
     ],
 )
 def test_bad_recipe_values_name_the_key(overrides, message):
@@ -128,7 +131,7 @@ def test_bad_recipe_values_name_the_key(overrides, message):
 )
 def test_gate_rescale_contradicting_the_method_is_an_error(method, gate_rescale):
     with pytest.raises(
-        ValueError, match=re.escape(f"molora.gate_rescale={gate_rescale} contradicts optim.method")
+        ValueError, match=re.escape(f"molora.gate_rescale={gate_rescale} contradicts optim.gate_rescale")
     ):
         load_recipe(None, [f"optim.method={method}", f"molora.gate_rescale={str(gate_rescale).lower()}"])
 
@@ -169,10 +172,39 @@ def test_empty_recipe_file_is_the_default(tmp_path):
     assert load_recipe(write(tmp_path, "r.yaml", "")) == load_recipe(None)
 
 
-def test_to_dict_round_trips_through_yaml(tmp_path):
+@pytest.mark.parametrize(
+    ("optim", "name", "precondition", "gate_rescale"),
+    [
+        (
+            ["optim.method=adamw", "optim.gate_rescale=true"],
+            "adamw+sqrt",
+            False,
+            True,
+        ),  # the paper's ablation
+        (["optim.method=sgd", "optim.precondition=true"], "rsgd", True, False),
+        (["optim.method=adamw", "optim.precondition=true", "optim.gate_rescale=true"], "gradamw", True, True),
+        (
+            ["optim.method=grsgd", "optim.precondition=true"],
+            "grsgd",
+            True,
+            True,
+        ),  # agreeing switches are fine
+    ],
+)
+def test_explicit_switches_set_the_layers(optim, name, precondition, gate_rescale):
+    recipe = load_recipe(None, optim)
+    assert recipe.optim.name == name
+    assert recipe.optim.precondition is precondition
+    assert recipe.optim.gate_rescale is recipe.molora.gate_rescale is gate_rescale
+
+
+@pytest.mark.parametrize(
+    "optim", [[], ["optim.method=adamw", "optim.gate_rescale=true"], ["optim.method=rsgd"]]
+)
+def test_to_dict_round_trips_through_yaml(tmp_path, optim):
     import yaml
 
-    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", ["optim.lr=2e-3"])
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", ["optim.lr=2e-3", *optim])
     again = load_recipe(write(tmp_path, "saved.yaml", yaml.safe_dump(recipe.to_dict())))
     assert again == recipe
 
