@@ -125,7 +125,7 @@ class Trainer:
             f"{recipe.model}: {len(self.layer_names)} MoLoRA layers, {self.trainable:,} trainable of "
             f"{self.total:,} params; {self.world} processes x micro-batch {self.micro} x accumulation "
             f"{self.accum} = global batch {train.global_batch}; ZeRO-{zero_stage(self.ds_config)}"
-            f"{', bf16' if bf16_enabled(self.ds_config) else ', fp32'}; {optim.method}"
+            f"{', bf16' if bf16_enabled(self.ds_config) else ', fp32'}; {optim.name}"
         )
 
     # ----------------------------------------------------------------- helpers

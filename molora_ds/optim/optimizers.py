@@ -136,9 +136,13 @@ class _MoLoRAGroups:
     def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if self.partitioned:
-            squared = norm.double().square().reshape(1)
+            # NCCL reduces only CUDA tensors, and under optimizer offload the gradients (and so this
+            # norm, and the empty group's zero) live on the CPU: reduce on the backend's device.
+            nccl = dist.get_backend(self.grad_norm_group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            squared = norm.to(device, torch.float64).square().reshape(1)
             dist.all_reduce(squared, group=self.grad_norm_group)
-            norm = squared.sqrt().reshape(()).to(norm.dtype)
+            norm = squared.sqrt().reshape(()).to(norm.device, norm.dtype)
         return norm
 
 
