@@ -200,9 +200,8 @@ def memory_plan(
         gradients         s P_t (ZeRO-0/1), s P_t / w (ZeRO-2/3)
                           + 4 P_t / w for the optimizer's flat fp32 gradient (ZeRO >= 1 or bf16)
         reduce bucket     ZeRO >= 1: reduce_bucket_size elements (5e8 by default; fp32 under ZeRO-1),
-                          allocated whole whatever the model's size; ZeRO-1/2 hold two (the
-                          previous backward's is still referenced), four with overlap_comm.
-                          Set reduce_bucket_size near P_t for a small adapter.
+                          allocated whole whatever the model's size, two with overlap_comm under
+                          ZeRO-1/2. Set reduce_bucket_size near P_t for a small adapter.
         optimizer         AdamW: fp32 master (4 P_t, none for fp32 ZeRO-0) + 2 fp32 moments
                           (8 P_t), / w when ZeRO >= 1 or bf16 (DeepSpeed's bf16 optimizer shards)
         preconditioner    per MoLoRA layer two E x r x r float64 inverses; float64 scratch copies
@@ -233,9 +232,9 @@ def memory_plan(
     bucket = 0
     if z >= 1 and ds.get("zero_optimization", {}).get("contiguous_gradients", True):
         overlap = ds.get("zero_optimization", {}).get("overlap_comm", z == 3)
-        # ZeRO-1/2 allocate a fresh bucket at each backward while the previous one is still
-        # referenced (measured: two buckets live on CPU), and double it for overlap_comm.
-        buffers = 1 if z == 3 else 2 * (2 if overlap else 1)
+        # ZeRO-1/2 allocate a fresh bucket at each backward; the previous one is usually freed
+        # first, but one CPU run of bench/bench_plan.py held two (freed by the garbage collector).
+        buffers = 2 if overlap and z < 3 else 1
         bucket = buffers * _zero_option(ds, "reduce_bucket_size", 5e8) * (4 if z == 1 else s)
     opt = recipe.optim
     state_per_param = (8 if opt.is_adam else 4 * (opt.momentum > 0)) + (4 if bf16 or z >= 1 else 0)
