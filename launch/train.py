@@ -3,11 +3,16 @@
 deepspeed launch/train.py --config ds_configs/zero2.json            # the embedded default
 torchrun --nproc_per_node 2 launch/train.py --config ds_configs/zero3.json --recipe recipes/tiny.yaml
 python launch/train.py --config ds_configs/zero0.json --set train.max_steps=10
+python launch/train.py --config ds_configs/zero3.json --recipe recipes/glm4_9b_qa.yaml --dry-run --world-size 16
+
+--dry-run loads no weights and starts no process group: it prints the per-GPU memory plan
+(molora_ds/plan.py) for --world-size ranks and a --gpu-memory card, and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -38,6 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. --set molora.top_k=4 (repeatable)",
     )
+    plan = p.add_argument_group("planning (--dry-run)")
+    plan.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
+    plan.add_argument("--world-size", type=int, help="ranks to plan for (default: this launch's)")
+    plan.add_argument("--gpu-memory", default="80GB", help="GPU size to check against (default: %(default)s)")
+    plan.add_argument(
+        "--seq-len", type=int, help="tokens per sequence (default: data.max_len, + image tokens)"
+    )
+    plan.add_argument("--checkpointing", action="store_true", help="plan with gradient checkpointing")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -53,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every input is checked before the model is loaded
         recipe = load_recipe(args.recipe, overrides)
         ds_config = load_ds_config(args.config)
-        plan_batches(recipe.train, world_size(), ds_config)
+        world = args.world_size if args.dry_run and args.world_size else world_size()
+        if world < 1:
+            raise ValueError(f"--world-size must be >= 1, got {world}")
+        micro, _ = plan_batches(recipe.train, world, ds_config)
+        if args.dry_run:
+            return dry_run(args, recipe, ds_config, world, micro)
         resume_from = checkpoint.resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
         if resume_from is not None:
             checkpoint.check_stage(resume_from, zero_stage(ds_config))
@@ -69,6 +88,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0 if results["status"] in ("finished", "preempted") else 1
+
+
+def dry_run(args: argparse.Namespace, recipe, ds_config: dict, world: int, micro: int) -> int:
+    """Print the memory plan; ``bf16.enabled: "auto"`` plans for a GPU, where it is on."""
+    from molora_ds import plan
+
+    gpu_memory = plan.parse_size(args.gpu_memory)
+    config = plan.model_config(recipe.model)
+    seq_len = args.seq_len or recipe.data.max_len + getattr(config, "image_seq_length", 0)
+    bf16 = ds_config.get("bf16", {}).get("enabled", False) in (True, "auto")
+    model = plan.meta_model(config)
+    result = plan.memory_plan(
+        recipe, ds_config, world, micro, seq_len, bf16, gpu_memory, args.checkpointing, model=model
+    )
+    print(json.dumps(result.to_dict()) if args.json else plan.format_plan(result))
+    return 0
 
 
 if __name__ == "__main__":

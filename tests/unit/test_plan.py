@@ -1,0 +1,169 @@
+"""The memory planner: exact parameter counts, hand-computed byte budgets, the activation formula
+against what autograd really saves, and the ``--dry-run`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from molora_ds import MoLoRAConfig, apply_molora
+from molora_ds.models.loading import tiny_llama
+from molora_ds.plan import (
+    GIB,
+    activation_bytes,
+    count_params,
+    memory_plan,
+    meta_model,
+    model_config,
+    parse_size,
+)
+from molora_ds.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "launch"))
+import train as launch_train  # noqa: E402
+
+GLM_RECIPE = ROOT / "recipes" / "glm4_9b_qa.yaml"
+
+
+def test_glm_counts_match_the_architecture_by_hand():
+    recipe = load_recipe(GLM_RECIPE)
+    model = meta_model(model_config("glm-4-9b"))
+    apply_molora(model, recipe.molora)
+    p = count_params(model, persistence_threshold=0)
+    h, kv, f, vocab, layers = 4096, 2 * 128, 13696, 151552, 40
+    # q, k, v carry biases; gate_up is fused; two RMSNorms per layer; untied embeddings and head.
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + h * 2 * f + f * h + 2 * h
+    assert p.base == 2 * vocab * h + layers * per_layer + h
+    e, r = 20, 4
+    assert p.adapter == layers * e * r * ((h + h) + 2 * (h + kv))  # A [E, r, in] + B [E, out, r]
+    assert p.router == layers * 3 * e * h
+    assert p.largest == vocab * h
+
+
+def test_meta_counts_equal_a_real_model():
+    cfg = MoLoRAConfig(num_experts=4, rank=2, top_k=2, target_modules=["q_proj", "v_proj"])
+    real = tiny_llama()
+    apply_molora(real, cfg)
+    meta = meta_model(model_config("tiny-llama"))
+    apply_molora(meta, cfg)
+    assert meta.lm_head.weight.is_meta
+    trainable = sum(p.numel() for p in real.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in real.parameters() if not p.requires_grad)
+    p = count_params(meta, persistence_threshold=0)
+    assert (p.base, p.trainable) == (frozen, trainable)
+
+
+def test_zero2_and_zero3_budgets_by_hand():
+    recipe = load_recipe(GLM_RECIPE)
+    zero = {"reduce_bucket_size": 1000, "contiguous_gradients": True}
+    model = meta_model(model_config("glm-4-9b"))
+    apply_molora(model, recipe.molora)
+    p = count_params(model, persistence_threshold=0)
+    w = 8
+    z2 = memory_plan(
+        recipe, {"zero_optimization": {"stage": 2} | zero}, w, 10, 256, True, 80 * GIB, model=model
+    )
+    parts = z2.per_gpu_bytes
+    assert parts["base_weights"] == 2 * p.base
+    assert parts["adapter_weights"] == 2 * p.trainable
+    assert parts["gradients"] == int(2 * p.trainable / w + 4 * p.trainable / w)  # bf16 shard + fp32 flat
+    assert parts["reduce_bucket"] == 2 * 1000  # one bf16 bucket (overlap_comm is off under ZeRO-2)
+    assert parts["optimizer_state"] == int(12 * p.trainable / w)  # fp32 master + 2 Adam moments
+    e, r = 20, 4
+    inverses = 40 * 3 * 2 * 8 * e * r * r
+    scratch = 8 * e * r * (4096 + 4096 + 256)  # float64 A [E, r, 4096], B [E, 4096, r] and [E, 256, r]
+    assert parts["preconditioner"] == inverses + scratch + 4 * e * r * 4096
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+
+    ds3 = {
+        "zero_optimization": {"stage": 3, "param_persistence_threshold": 0, "prefetch_bucket_size": 0} | zero
+    }
+    z3 = memory_plan(recipe, ds3, w, 10, 256, True, 80 * GIB, model=model)
+    assert z3.per_gpu_bytes["base_weights"] == int(2 * (p.base / w + p.largest))
+    assert z3.per_gpu_bytes["adapter_weights"] == int(2 * p.trainable / w)
+    # DeepSpeed's ZeRO-2 formula: 2 bytes per parameter + 18 per parameter over the GPUs, all trained.
+    total = p.base + p.trainable
+    assert z2.deepspeed_estimate_bytes == 2 * total + int(18 * total / w)
+    assert z2.deepspeed_estimate_bytes > 1.9 * (parts["total"] - parts["activations"])
+
+
+@pytest.mark.parametrize("hidden,intermediate", [(64, 128), (256, 768)])
+def test_activation_formula_bounds_what_autograd_saves(hidden, intermediate):
+    """Every tensor autograd keeps for backward (parameters and the adapters' forward copies
+    excluded, each storage once) against the formula without the backward's transient layer and
+    the logits (no loss is taken here). The formula counts tensors whose storage fp32 runs share
+    (the norms' fp32 input is the residual stream itself), so it may only be above, by a little."""
+    torch.manual_seed(0)
+    model = tiny_llama(hidden_size=hidden, intermediate_size=intermediate)
+    cfg = MoLoRAConfig(num_experts=4, rank=2, top_k=2, dropout=0.05, target_modules=["q_proj", "v_proj"])
+    apply_molora(model, cfg)
+    micro, seq = 4, 96
+    mask = torch.ones(micro, seq, dtype=torch.long)
+    mask[0, 80:] = 0  # a padded row, as in training: transformers then repeats k/v to all heads
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    copies = {
+        tuple(m.lora_B.shape[1:2]) + (m.num_experts * m.rank,)
+        for m in model.modules()
+        if hasattr(m, "lora_B")
+    }
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and tuple(t.shape) not in copies:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, 1000, (micro, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.tensor([10, 50, 70, 90]))
+    layers = model.config.num_hidden_layers
+    fixed = 4 * micro * seq * seq + 8 * seq * model.config.head_dim  # mask, RoPE cos/sin: once
+    planned = activation_bytes(model, model.config, micro, seq, 4, checkpointing=False)
+    logits = micro * micro * model.config.vocab_size * (4 + 8)  # not saved here: no loss is taken
+    per_layers = (planned - logits - fixed) * layers / (layers + 1) + fixed
+    assert 1.0 <= per_layers / sum(saved.values()) <= 1.15
+
+
+def test_checkpointing_keeps_one_hidden_state_per_layer():
+    model = meta_model(model_config("glm-4-9b"))
+    apply_molora(model, load_recipe(GLM_RECIPE).molora)
+    full = activation_bytes(model, model.config, 8, 256, 2, checkpointing=False)
+    ckpt = activation_bytes(model, model.config, 8, 256, 2, checkpointing=True)
+    fixed = 4 * 8 * 256 * 256 + 8 * 256 * 128 + 8 * 8 * 151552 * (2 + 8)
+    layer = (full - fixed) / 41
+    assert ckpt == pytest.approx(40 * 2 * 4096 * 8 * 256 + 2 * layer + fixed, rel=1e-6)
+
+
+def test_parse_size():
+    assert parse_size("80GB") == 80 * GIB
+    assert parse_size("141GiB") == 141 * GIB
+    assert parse_size("512MB") == 512 * 2**20
+    with pytest.raises(ValueError, match="80GB"):
+        parse_size("eighty")
+
+
+def test_dry_run_json_for_glm(capsys):
+    argv = ["--config", str(ROOT / "ds_configs/zero3.json"), "--recipe", str(GLM_RECIPE), "--dry-run"]
+    assert launch_train.main([*argv, "--world-size", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["params"]["base"] == 9_399_951_360 and plan["params"]["adapter"] == 54_067_200
+    assert plan["fits"] is True and plan["micro_batch"] == 10 and plan["world_size"] == 8
+    assert plan["per_gpu_bytes"]["total"] < 80 * GIB
+    assert launch_train.main([*argv, "--world-size", "8", "--json", "--gpu-memory", "16GB"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"] is False
+
+
+def test_dry_run_bad_input_is_one_line(capsys):
+    argv = ["--config", str(ROOT / "ds_configs/zero2.json"), "--recipe", str(GLM_RECIPE), "--dry-run"]
+    assert launch_train.main([*argv, "--world-size", "7"]) == 2
+    assert "divisible by the 7 processes" in capsys.readouterr().err
+    assert launch_train.main([*argv, "--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory 'lots'" in capsys.readouterr().err
+    assert launch_train.main([*argv, "--set", "model=no-such-model"]) == 2
+    assert "no config.json for model 'no-such-model'" in capsys.readouterr().err
