@@ -77,7 +77,7 @@ def test_deepspeed_launcher_trains_and_writes_every_output(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "finished" and results["step"] == steps and results["skipped_steps"] == 0
     for key in ("accuracy_before", "accuracy_after"):
-        assert results[key]["n"] == 16 and 0.0 <= results[key]["accuracy"] <= 1.0
+        assert results[key]["n"] == 16
 
     # The adapter is the trained model: bit-equal to the final checkpoint's fp32 weights, and a
     # fresh tiny-llama with it scores the eval set exactly as the trained engine did.
@@ -96,14 +96,19 @@ def test_deepspeed_launcher_trains_and_writes_every_output(tmp_path):
     trained = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step{steps:08d}")
     assert weights.keys() and all(torch.equal(v, trained[k]) for k, v in weights.items())
     assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in weights.items()), "B never left zero"
+    # Checkpoints hold what training changes, not the frozen base (18 GB a save for GLM-4-9B).
+    states = torch.load(
+        out / "checkpoints" / f"step{steps:08d}" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    assert set(states["module"]) == set(weights), sorted(set(states["module"]) - set(weights))[:3]
 
     model, tokenizer = load_model("tiny-llama")
-    assert load_adapter(model, adapter_dir) == recipe.molora
     _, eval_set = load_mc_splits(recipe.data.name, recipe.data.eval_size, recipe.train.seed)
-    again = mc_accuracy(
-        model, tokenizer, eval_set, recipe.eval.method, recipe.eval.batch_size, recipe.data.max_len
-    )
-    assert again == results["accuracy_after"]
+    ev = (recipe.eval.method, recipe.eval.batch_size, recipe.data.max_len)
+    # Before training B = 0: the adapted model scores exactly as the bare one.
+    assert mc_accuracy(model, tokenizer, eval_set, *ev) == results["accuracy_before"]
+    assert load_adapter(model, adapter_dir) == recipe.molora
+    assert mc_accuracy(model, tokenizer, eval_set, *ev) == results["accuracy_after"]
 
 
 @pytest.mark.distributed
