@@ -81,10 +81,11 @@ class MoLoRALinear(nn.Module):
             self.scaling,
             self.gate_rescale,
         )
+        training = torch.is_grad_enabled()  # evaluation forwards are not training load
         with torch.no_grad():
             slots = (gates > 0).sum(0)
             self.expert_load = slots.float() / (gates.shape[0] * self.top_k)
-            if torch.is_grad_enabled():
+            if training:
                 self.routed_slots = slots if self.routed_slots is None else self.routed_slots + slots
         self.aux_loss = (
             self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
