@@ -125,10 +125,26 @@ def load_mc_splits(name: str, eval_size: int, seed: int = 0) -> tuple[Dataset, D
     return ds.select(train_idx), ds.select(eval_idx)
 
 
-def format_prompt(question: str, choices: Sequence[str]) -> str:
-    """The plain lettered prompt, ending in ``Answer:``; the target is `` <letter>``."""
+# The paper's QA setup: an Alpaca-style instruction, options as "(A) ... (B) ...", and the reply
+# "The answer is X." read back by a regex (eval.extract_choice) from a generation.
+PAPER_HEAD = (
+    "Below is an instruction that describes a task. Write a response that completes it.\n\n"
+    "### Instruction:\nQuestion: "
+)
+PAPER_TAIL = "\n\n### Response:\n"
+PAPER_TARGET = "The answer is {letter}."
+# Text before the question, per prompt style: a long question is cut right after it.
+_HEADS = {"lettered": "Question: ", "paper": PAPER_HEAD}
+
+
+def format_prompt(question: str, choices: Sequence[str], style: str = "lettered") -> str:
+    """The prompt of one question: ``lettered`` ends in ``Answer:`` (target `` <letter>``), ``paper`` in the
+    Alpaca-style ``### Response:`` (target "The answer is <letter>.")."""
     if len(choices) > len(LETTERS):
         raise ValueError(f"{len(choices)} choices but only {len(LETTERS)} answer letters")
+    if style == "paper":
+        options = " ".join(f"({L}) {c}" for L, c in zip(LETTERS, choices))
+        return f"{PAPER_HEAD}{question}\nOptions: {options}{PAPER_TAIL}"
     lines = [f"Question: {question}", *(f"{L}. {c}" for L, c in zip(LETTERS, choices)), ANSWER_PREFIX]
     return "\n".join(lines)
 
@@ -153,7 +169,9 @@ def letter_token_ids(tokenizer: PreTrainedTokenizerBase, n: int = len(LETTERS)) 
     return ids
 
 
-def encode_prompts(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[list[int]]:
+def encode_prompts(
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int, prompt: str = "lettered"
+) -> list[list[int]]:
     """Prompt token ids, each at most ``max_len``; a long question loses its beginning.
 
     Cutting the question's start keeps the choices and ``Answer:`` the model must see to reply.
@@ -162,9 +180,8 @@ def encode_prompts(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int
     cols = ds.select_columns(["question", "choices"]).to_dict()  # column-wise: row iteration is slow
     prompts, spans = [], []
     for q, choices in zip(cols["question"], cols["choices"]):
-        prompt = format_prompt(q, choices)
-        start = len("Question: ")
-        prompts.append(prompt)
+        start = len(_HEADS[prompt])
+        prompts.append(format_prompt(q, choices, prompt))
         spans.append((start, start + len(q)))
     enc = tokenizer(prompts, return_offsets_mapping=True)
     out = []
@@ -184,22 +201,34 @@ def encode_prompts(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int
     return out
 
 
-def tokenize_mc(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int) -> Dataset:
-    """Training examples: ``input_ids`` = prompt + answer letter + eos, ``labels`` = -100 on the prompt.
+def _targets(tokenizer: PreTrainedTokenizerBase, n: int, prompt: str) -> list[list[int]]:
+    """Token ids of the reply naming each of the first ``n`` choices, eos included."""
+    if prompt == "paper":
+        replies = [PAPER_TARGET.format(letter=L) for L in LETTERS[:n]]
+        ids = tokenizer(replies, add_special_tokens=False)["input_ids"]
+    else:
+        ids = [[t] for t in letter_token_ids(tokenizer, n)]
+    return [t + [tokenizer.eos_token_id] for t in ids]
 
-    Only the answer is learned; the prompt is context. Sequences are at most ``max_len`` tokens.
+
+def tokenize_mc(
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int, prompt: str = "lettered"
+) -> Dataset:
+    """Training examples: ``input_ids`` = prompt + reply + eos, ``labels`` = -100 on the prompt.
+
+    Only the reply is learned (a letter, or "The answer is X." for ``prompt="paper"``); the prompt
+    is context. Sequences are at most ``max_len`` tokens.
     """
     check_mc_columns(ds)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{type(tokenizer).__name__} has no eos token; set tokenizer.eos_token")
     cols = ds.select_columns(["choices", "answer_index"]).to_dict()
-    letters = letter_token_ids(tokenizer, max(len(c) for c in cols["choices"]))
-    target_len = 2
+    targets = _targets(tokenizer, max(len(c) for c in cols["choices"]), prompt)
+    target_len = max(len(t) for t in targets)
     input_ids, labels = [], []
-    for prompt, answer in zip(encode_prompts(ds, tokenizer, max_len - target_len), cols["answer_index"]):
-        target = [letters[answer], tokenizer.eos_token_id]
-        input_ids.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
+    for ids, answer in zip(encode_prompts(ds, tokenizer, max_len - target_len, prompt), cols["answer_index"]):
+        input_ids.append(ids + targets[answer])
+        labels.append([-100] * len(ids) + targets[answer])
     return Dataset.from_dict({"input_ids": input_ids, "labels": labels})
 
 
