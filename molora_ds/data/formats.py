@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from molora_ds.recipe import BUILTIN_DATA, DataConfig
@@ -260,9 +261,17 @@ def read_mc(format: str, source: str, role: str = "train", columns: dict[str, st
 def check_data(data: DataConfig) -> None:
     """Read and convert a recipe's data files in full, so that a bad row fails before the model loads.
 
-    The built-in sets are not read here: they are tested, and the run reads them anyway."""
-    if not data.format.startswith(BUILTIN_DATA):
+    The built-in sets are not read here: they are tested, and the run reads them anyway. Progress
+    bars are off, so that an error is the only line a user sees."""
+    if data.format.startswith(BUILTIN_DATA):
+        return
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
         load_splits(data)
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def load_splits(data: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:

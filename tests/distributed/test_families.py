@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distributed.launching import check_ok, free_port, losses, run
+from tests.distributed.launching import ROOT, check_ok, free_port, losses, run
 from tests.unit.test_models import save_tiny
 
 QUESTIONS = [
@@ -65,3 +67,36 @@ def test_tiny_family_trains_on_two_processes(kind, stage, tmp_path, data_file):
     if stage == 3:  # transformers' own line: the weights went straight into ZeRO-3 partitions
         assert "activating zero.init()" in text, text[-3000:]
     print(kind, stage, loss)
+
+
+PROBE = """
+import contextlib, io, json, sys
+sys.argv = ["train.py"]
+sys.path.insert(0, "launch")
+from train import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    rc = main(%r)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("deepspeed", "transformers"))
+print(json.dumps({"rc": rc, "err": err.getvalue(), "heavy": heavy}))
+"""
+
+
+@pytest.mark.distributed
+def test_bad_data_is_rejected_before_the_model_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
+    argv = ["--config", "ds_configs/zero2.json", "--recipe", "recipes/tiny.yaml", "--output-dir", str(tmp_path / "run"),
+            "--set", "data.format=mc", "--set", f"data.train={bad}", "--set", f"data.eval={bad}"]  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE % (argv,)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    report = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 2
+    assert (
+        report["err"].strip()
+        == f"error: data.train {bad}: row 0: answer index 5 is out of range for 2 choices"
+    )
+    assert report["heavy"] == [], report["heavy"][:5]
+    assert not (tmp_path / "run").exists()
