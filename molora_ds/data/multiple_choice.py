@@ -211,25 +211,43 @@ def _targets(tokenizer: PreTrainedTokenizerBase, n: int, prompt: str) -> list[li
     return [t + [tokenizer.eos_token_id] for t in ids]
 
 
+def _tokenize_batch(
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    prompt: str,
+    targets: list[list[int]],
+) -> dict[str, list]:
+    target_len = max(len(t) for t in targets)
+    prompts = encode_prompts(Dataset.from_dict(batch), tokenizer, max_len - target_len, prompt)
+    input_ids = [ids + targets[a] for ids, a in zip(prompts, batch["answer_index"])]
+    labels = [[-100] * len(ids) + targets[a] for ids, a in zip(prompts, batch["answer_index"])]
+    return {"input_ids": input_ids, "labels": labels}
+
+
 def tokenize_mc(
     ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int, prompt: str = "lettered"
 ) -> Dataset:
     """Training examples: ``input_ids`` = prompt + reply + eos, ``labels`` = -100 on the prompt.
 
     Only the reply is learned (a letter, or "The answer is X." for ``prompt="paper"``); the prompt
-    is context. Sequences are at most ``max_len`` tokens.
+    is context. Sequences are at most ``max_len`` tokens. A data set read from files (formats.py)
+    is tokenised with ``Dataset.map``, whose result datasets caches beside the data under a
+    fingerprint of the rows, the tokenizer and these settings: a re-run reuses it.
     """
     check_mc_columns(ds)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{type(tokenizer).__name__} has no eos token; set tokenizer.eos_token")
-    cols = ds.select_columns(["choices", "answer_index"]).to_dict()
-    targets = _targets(tokenizer, max(len(c) for c in cols["choices"]), prompt)
-    target_len = max(len(t) for t in targets)
-    input_ids, labels = [], []
-    for ids, answer in zip(encode_prompts(ds, tokenizer, max_len - target_len, prompt), cols["answer_index"]):
-        input_ids.append(ids + targets[answer])
-        labels.append([-100] * len(ids) + targets[answer])
-    return Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+    n_choices = max(len(c) for c in ds.select_columns(["choices"]).to_dict()["choices"])
+    return ds.select_columns(list(MC_COLUMNS)).map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=1000,
+        remove_columns=list(MC_COLUMNS),
+        fn_kwargs={"tokenizer": tokenizer, "max_len": max_len, "prompt": prompt,
+                   "targets": _targets(tokenizer, n_choices, prompt)},
+        desc="tokenising",
+    )  # fmt: skip
 
 
 def pad_collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

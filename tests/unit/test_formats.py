@@ -175,3 +175,27 @@ def test_paper_prompt_and_target():
         == format_prompt("Which is red?", ["grass", "blood"], "paper") + "The answer is B." + tok.eos_token
     )
     assert re.search(r"The answer is ([A-Z])\.", tok.decode(target)).group(1) == "B"  # the paper's regex
+
+
+def test_tokenised_set_is_cached_beside_the_data_and_reused(data):
+    tok = smollm2_tokenizer()
+
+    def tokenised() -> Dataset:
+        return tokenize_mc(read_mc("commonsense_qa", str(data / "commonsense_qa.jsonl")), tok, max_len=64)
+
+    first = tokenised()
+    files = [Path(f["filename"]) for f in first.cache_files]
+    assert files and all(data / ".molora_ds_cache" in f.parents for f in files), files
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    second = tokenised()
+    assert [
+        Path(f["filename"]) for f in second.cache_files
+    ] == files  # same fingerprint: reused, not rewritten
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    assert second["input_ids"] == first["input_ids"]
+    assert (
+        tokenize_mc(
+            read_mc("commonsense_qa", str(data / "commonsense_qa.jsonl")), tok, max_len=48
+        ).cache_files
+        != first.cache_files
+    )
