@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 
-@dataclass
+@dataclass(frozen=True)  # hashable: a value that names a model
 class ModelConfig:
     """The model to adapt: a built-in name (``smollm2-135m``, ``tiny-llama``), a local folder written by
     ``save_pretrained``, or a hub id. A recipe may give just that string (``model: /data/glm-4-9b-hf``).

@@ -68,11 +68,12 @@ class Trainer:
         self.micro, self.accum = plan_batches(train, self.world, ds_config)
         self.ds_config = finalize(ds_config, self.micro, self.accum, self.world)
 
-        # Model and adapters: identical on every rank (seeded); under ZeRO-3 the base model loads
-        # partitioned (it needs the final DeepSpeed config), the adapters are partitioned later.
-        torch.manual_seed(train.seed)
+        # Model and adapters: under ZeRO-3 the base model loads partitioned (it needs the final
+        # DeepSpeed config); the adapters are seeded right before they are drawn, so that their
+        # initialisation does not depend on how the model was loaded (zero.Init draws differently).
         self.model, self.tokenizer = load_model(recipe.model, self.ds_config)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        torch.manual_seed(train.seed)
         self.layer_names = apply_molora(self.model, recipe.molora)
         self.trainable, self.total = count_parameters(self.model)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import string
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ from transformers import PreTrainedTokenizerBase
 from molora_ds.data.assets import bigbench_task_json
 
 MC_COLUMNS = ("question", "choices", "answer_index")
+PARALLEL_TOKENIZE_ROWS = 50_000
+MAX_TOKENIZE_PROCS = 8
 LETTERS = string.ascii_uppercase
 ANSWER_PREFIX = "Answer:"
 # BIG-bench tasks often put the gold answer at a fixed position (timedial: always index 2), so the
@@ -243,6 +246,8 @@ def tokenize_mc(
         _tokenize_batch,
         batched=True,
         batch_size=1000,
+        # Worker processes pay off on large sets only (each loads the tokenizer: about a second).
+        num_proc=min(os.cpu_count() or 1, MAX_TOKENIZE_PROCS) if len(ds) >= PARALLEL_TOKENIZE_ROWS else None,
         remove_columns=list(MC_COLUMNS),
         fn_kwargs={"tokenizer": tokenizer, "max_len": max_len, "prompt": prompt,
                    "targets": _targets(tokenizer, n_choices, prompt)},

