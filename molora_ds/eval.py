@@ -126,6 +126,7 @@ def mc_accuracy(
     batch_size: int = 16,
     max_len: int = 1024,
     limit: int | None = None,
+    prompt: str = "lettered",
 ) -> dict[str, float | int]:
     """Accuracy on the first ``limit`` rows of a multiple-choice data set: ``{"accuracy", "n"}``.
 
@@ -143,7 +144,7 @@ def mc_accuracy(
         raise ValueError("cannot compute accuracy on an empty data set")
     rows, counted = _shard(len(ds))
     shard = ds.select(rows)
-    prompts = encode_prompts(shard, tokenizer, max_len)
+    prompts = encode_prompts(shard, tokenizer, max_len, prompt)
     cols = shard.select_columns(["choices", "answer_index"]).to_dict()
     n_choices = torch.tensor([len(c) for c in cols["choices"]])
     gold = torch.tensor(cols["answer_index"])
