@@ -2,6 +2,7 @@
 
     python bench/bench_optim.py --threads 1 --clock cpu    # GLM-4-9B q/k/v/o, 40 layers (~4 GB, 2 min)
     python bench/bench_optim.py --quick                    # CI smoke: 1 layer
+    python bench/bench_optim.py --device cuda              # on a GPU (skips without CUDA)
 
 E=20, r=4 adapters (``lora_A [E, r, in]``, ``lora_B [E, out, r]``, router ``[E, in]``) at the q/k/v/o
 shapes of a model config (``molora_ds/models/configs/<name>.json``); random tensors, no model. All variants
@@ -58,19 +59,21 @@ def attention_shapes(model: str, layers: int | None) -> tuple[int, list[tuple[in
 class Adapters:
     """MoLoRALinear layers whose frozen base stays on the meta device, with fixed random gradients."""
 
-    def __init__(self, modules: list[tuple[int, int]], gen: torch.Generator) -> None:
+    def __init__(self, modules: list[tuple[int, int]], gen: torch.Generator, device: torch.device) -> None:
         self.model = nn.ModuleList()
         for in_f, out_f in modules:
             layer = MoLoRALinear(
                 nn.Linear(in_f, out_f, bias=False, device="meta"), EXPERTS, RANK, TOP_K, ALPHA
             )
-            layer.lora_A = nn.Parameter(torch.randn(EXPERTS, RANK, in_f, generator=gen) / math.sqrt(in_f))
-            layer.lora_B = nn.Parameter(torch.randn(EXPERTS, out_f, RANK, generator=gen) * 1e-2)
-            layer.router.weight = nn.Parameter(torch.randn(EXPERTS, in_f, generator=gen) * 1e-2)
+            layer.lora_A = nn.Parameter(
+                torch.randn(EXPERTS, RANK, in_f, generator=gen).to(device) / math.sqrt(in_f)
+            )
+            layer.lora_B = nn.Parameter(torch.randn(EXPERTS, out_f, RANK, generator=gen).to(device) * 1e-2)
+            layer.router.weight = nn.Parameter(torch.randn(EXPERTS, in_f, generator=gen).to(device) * 1e-2)
             self.model.append(layer)
         self.layers: list[MoLoRALinear] = list(self.model)
         self.params = [p for m in self.layers for p in (m.lora_A, m.lora_B, m.router.weight)]
-        self.grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in self.params]
+        self.grads = [torch.randn(p.shape, generator=gen).to(device) * 1e-3 for p in self.params]
 
     def reset_grads(self) -> None:
         for p, g in zip(self.params, self.grads):
@@ -98,7 +101,7 @@ def hooks_path(adapters: Adapters, optimizer: torch.optim.Optimizer) -> Callable
 def reference(adapters: Adapters) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first layer's preconditioned gradients per expert, float64, at the current parameters."""
     m = adapters.layers[0]
-    a, b, grad_a, grad_b = (t.double() for t in (m.lora_A, m.lora_B, *adapters.grads[:2]))
+    a, b, grad_a, grad_b = (t.cpu().double() for t in (m.lora_A, m.lora_B, *adapters.grads[:2]))
     eye = torch.eye(RANK, dtype=torch.float64)
     return [
         (
@@ -114,7 +117,7 @@ def check(adapters: Adapters, optimizer: torch.optim.Optimizer, want: list, name
     m = adapters.layers[0]
     for i, pair in enumerate(want):
         for p, w in zip((m.lora_A, m.lora_B), pair):
-            got = optimizer.state[p]["exp_avg"][i].double() / (1 - BETAS[0])
+            got = optimizer.state[p]["exp_avg"][i].cpu().double() / (1 - BETAS[0])
             error = (torch.linalg.norm(got - w) / torch.linalg.norm(w)).item()
             if not error < 1e-5:  # fp32 gradients and moments: a few ulps, norm-wise
                 raise AssertionError(f"{name}: expert {i}'s preconditioned gradient is off by {error:.1e}")
@@ -134,8 +137,10 @@ class Result:
         return f"{min(self.ms):.0f}-{max(self.ms):.0f}"
 
 
-def run(modules: list[tuple[int, int]], repeats: int, clock: Callable[[], float]) -> list[Result]:
-    adapters = Adapters(modules, torch.Generator().manual_seed(0))
+def run(
+    modules: list[tuple[int, int]], repeats: int, clock: Callable[[], float], device: torch.device
+) -> list[Result]:
+    adapters = Adapters(modules, torch.Generator().manual_seed(0), device)
     fused = torch.optim.AdamW(adapters.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, fused=True)
     kw = dict(lr=LR, gate_lr=GATE_LR, eps=EPS, reg=REG)
     hooked = build_optimizer(adapters.model, "gradamw", precondition_in_step=False, **kw)
@@ -173,7 +178,17 @@ def main() -> None:
         "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: this process's CPU time"
     )
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 layer, 2 rounds, 1 thread")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (wall clock, synchronized)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("skipped: --device cuda needs CUDA (torch.cuda.is_available() is false)")
+            return
+        if args.clock == "cpu":
+            raise SystemExit("--clock cpu does not see GPU time; use --clock wall with --device cuda")
+        # A step's kernels run asynchronously: read the clock only after they have finished.
+        CLOCKS["wall"] = lambda: (torch.cuda.synchronize(), time.perf_counter())[1]
     if args.quick:
         args.layers, args.repeats, args.threads = 1, 2, 1
     if args.threads:
@@ -184,11 +199,11 @@ def main() -> None:
         )
     layers, shapes = attention_shapes(args.model, args.layers)
     modules = shapes * layers
-    results = run(modules, args.repeats, CLOCKS[args.clock])
+    results = run(modules, args.repeats, CLOCKS[args.clock], device)
     params = sum(EXPERTS * (RANK * (i + o) + i) for i, o in modules)
     print(
         f"optimizer step: {args.model} q/k/v/o x {layers} layers, E={EXPERTS}, r={RANK}, {params / 1e6:.1f}M "
-        f"parameters; cpu fp32, threads={torch.get_num_threads()}, clock={args.clock}, torch {torch.__version__}; "
+        f"parameters; {device.type} fp32, threads={torch.get_num_threads()}, clock={args.clock}, torch {torch.__version__}; "
         f"{args.repeats} rounds"
     )
     unit = results[0].median
