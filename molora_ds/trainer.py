@@ -287,6 +287,10 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         self.metrics.close()
+        # No rank exits before rank 0 has written its files: launchers end the others once one has
+        # exited (srun --kill-on-bad-exit after a torchrun forwarded a signal), and a job script decides
+        # on requeueing from results.json.
+        dist.barrier()
         return results
 
     def evaluate(self) -> dict:
