@@ -9,6 +9,9 @@ from torch import nn
 
 from molora_ds.modules.experts import mixture_of_lora_experts
 from molora_ds.modules.router import Router, switch_balance_loss
+from molora_ds.modules.sparse import sparse_mixture_of_lora_experts, use_sparse
+
+EXPERT_COMPUTE = ("auto", "dense", "sparse")
 
 
 class MoLoRALinear(nn.Module):
@@ -19,6 +22,10 @@ class MoLoRALinear(nn.Module):
     After each forward, ``expert_load`` holds the share of routing slots each expert received
     in it, ``routed_slots`` the slot counts summed over the training forwards since
     ``pop_routed_slots()`` (a step's whole load, for logging), and, when ``load_balance_coef > 0``, ``aux_loss`` holds the weighted Switch balance loss.
+
+    ``expert_compute``: ``dense`` multiplies every token by all E experts (one rank-E*r matmul),
+    ``sparse`` only by its top_k (``molora_ds.modules.sparse``), ``auto`` picks by
+    ``sparse.use_sparse``. The values and gradients are the same either way.
     """
 
     def __init__(
@@ -31,12 +38,15 @@ class MoLoRALinear(nn.Module):
         dropout: float = 0.0,
         gate_rescale: bool = True,
         load_balance_coef: float = 0.0,
+        expert_compute: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"MoLoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        if expert_compute not in EXPERT_COMPUTE:
+            raise ValueError(f"expert_compute={expert_compute!r}; choose one of {EXPERT_COMPUTE}")
         self.base_layer = base_layer.requires_grad_(False)
         out_features, in_features = base_layer.weight.shape
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
@@ -48,6 +58,7 @@ class MoLoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.gate_rescale = gate_rescale
         self.load_balance_coef = load_balance_coef
+        self.expert_compute = expert_compute
         self.expert_load: torch.Tensor | None = None
         self.routed_slots: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
@@ -73,14 +84,15 @@ class MoLoRALinear(nn.Module):
         y = self.base_layer(x)
         tokens = x.reshape(-1, x.shape[-1])
         gates, probs = self.router(tokens)
-        delta = mixture_of_lora_experts(
-            self.dropout(tokens).to(self.lora_A.dtype),
-            self.lora_A,
-            self.lora_B,
-            gates,
-            self.scaling,
-            self.gate_rescale,
-        )
+        dropped = self.dropout(tokens).to(self.lora_A.dtype)
+        if self.sparse:
+            delta = sparse_mixture_of_lora_experts(
+                dropped, self.lora_A, self.lora_B, gates, self.top_k, self.scaling, self.gate_rescale
+            )
+        else:
+            delta = mixture_of_lora_experts(
+                dropped, self.lora_A, self.lora_B, gates, self.scaling, self.gate_rescale
+            )
         with torch.no_grad():
             slots = (gates > 0).sum(0)
             self.expert_load = slots.float() / (gates.shape[0] * self.top_k)
@@ -91,6 +103,13 @@ class MoLoRALinear(nn.Module):
         )
         return y + delta.reshape(y.shape).to(y.dtype)
 
+    @property
+    def sparse(self) -> bool:
+        """Whether the forward computes only the selected experts."""
+        if self.expert_compute == "auto":
+            return use_sparse(self.num_experts, self.top_k, self.lora_A.device)
+        return self.expert_compute == "sparse"
+
     def pop_routed_slots(self) -> torch.Tensor:
         """Slot counts per expert since the last call (zeros if none), and start counting anew."""
         slots = self.routed_slots
@@ -100,5 +119,6 @@ class MoLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "
-            f"top_k={self.top_k}, scaling={self.scaling:g}, gate_rescale={self.gate_rescale}"
+            f"top_k={self.top_k}, scaling={self.scaling:g}, gate_rescale={self.gate_rescale}, "
+            f"expert_compute={self.expert_compute}"
         )
