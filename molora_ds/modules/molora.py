@@ -59,6 +59,7 @@ class MoLoRALinear(nn.Module):
         self.gate_rescale = gate_rescale
         self.load_balance_coef = load_balance_coef
         self.expert_compute = expert_compute
+        self.expert_group = None  # set by shard_experts: this rank keeps only its experts
         self.expert_load: torch.Tensor | None = None
         self.routed_slots: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
@@ -85,14 +86,15 @@ class MoLoRALinear(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         gates, probs = self.router(tokens)
         dropped = self.dropout(tokens).to(self.lora_A.dtype)
+        lora_a, lora_b = self.lora_A, self.lora_B
+        if self.expert_group is not None:
+            lora_a, lora_b = self.expert_group.gather(lora_a), self.expert_group.gather(lora_b)
         if self.sparse:
             delta = sparse_mixture_of_lora_experts(
-                dropped, self.lora_A, self.lora_B, gates, self.top_k, self.scaling, self.gate_rescale
+                dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
             )
         else:
-            delta = mixture_of_lora_experts(
-                dropped, self.lora_A, self.lora_B, gates, self.scaling, self.gate_rescale
-            )
+            delta = mixture_of_lora_experts(dropped, lora_a, lora_b, gates, self.scaling, self.gate_rescale)
         with torch.no_grad():
             slots = (gates > 0).sum(0)
             self.expert_load = slots.float() / (gates.shape[0] * self.top_k)
@@ -102,6 +104,15 @@ class MoLoRALinear(nn.Module):
             self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
         )
         return y + delta.reshape(y.shape).to(y.dtype)
+
+    def shard_experts(self, expert_group) -> None:
+        """Keep only this rank's experts (``expert_group.shard``); the forward gathers the others'.
+
+        ``expert_group`` is a ``molora_ds.distributed.expert_parallel.ExpertGroup``.
+        """
+        self.lora_A = nn.Parameter(expert_group.shard(self.lora_A.detach()).clone())
+        self.lora_B = nn.Parameter(expert_group.shard(self.lora_B.detach()).clone())
+        self.expert_group = expert_group
 
     @property
     def sparse(self) -> bool:

@@ -1,6 +1,7 @@
 """The benchmarks still run: each checks, before timing anything, that its variants compute the same math
 (bench_layer: outputs and gradients against the per-expert loop; bench_train: Adam moments of our
-optimizer against the per-matrix loop), so a --quick run is also a test of those comparisons."""
+optimizer against the per-matrix loop; bench_experts: sparse against dense), so a --quick run is also a test of
+those comparisons."""
 
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-@pytest.mark.parametrize("script", ["bench_layer.py", "bench_train.py"])
+@pytest.mark.parametrize("script", ["bench_layer.py", "bench_train.py", "bench_experts.py"])
 def test_quick_run(script, tmp_path):
     run = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick", "--plot", str(tmp_path / "plot.png")],
