@@ -35,7 +35,9 @@ TARGET_SPEEDUP = 5.0  # adapter time dense / sparse at E=256, top-8
 TARGET_AUTO = 1.10  # auto's pick over the faster path
 
 
-def build(tokens: int, features: int, experts: int, rank: int, top_k: int, device, dtype) -> dict[str, nn.Module]:
+def build(
+    tokens: int, features: int, experts: int, rank: int, top_k: int, device, dtype
+) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = nn.Linear(features, features, device=device, dtype=dtype).requires_grad_(False)
     dense = MoLoRALinear(copy.deepcopy(base), experts, rank, top_k, alpha=ALPHA, expert_compute="dense")
@@ -113,7 +115,12 @@ def check_targets(rows: list[dict]) -> list[tuple[str, str]]:
     for r in rows:
         if (r["E"], r["k"]) == (256, 8):
             ok = r["speedup"] >= TARGET_SPEEDUP
-            checks.append(("ok" if ok else "MISS", f"E=256 top-8: adapter dense / sparse >= {TARGET_SPEEDUP}x: {r['speedup']:.2f}x"))
+            checks.append(
+                (
+                    "ok" if ok else "MISS",
+                    f"E=256 top-8: adapter dense / sparse >= {TARGET_SPEEDUP}x: {r['speedup']:.2f}x",
+                )
+            )
     worst = max(rows, key=lambda r: r["auto_over_best"])
     ok = worst["auto_over_best"] <= TARGET_AUTO
     checks.append(
@@ -139,10 +146,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="CI smoke: tiny shapes, 2 repeats")
-    parser.add_argument("--plot", help=argparse.SUPPRESS)  # accepted for tests/unit/test_bench.py; no plot here
+    parser.add_argument(
+        "--plot", help=argparse.SUPPRESS
+    )  # accepted for tests/unit/test_bench.py; no plot here
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.features, args.experts, args.top_k, args.repeats, args.warmup = 64, 64, [8, 64], [2], 2, 1
+        args.tokens, args.features, args.experts, args.top_k, args.repeats, args.warmup = (
+            64,
+            64,
+            [8, 64],
+            [2],
+            2,
+            1,
+        )
     return args
 
 
