@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         if resume_from is not None:
             checkpoint.check_stage(resume_from, zero_stage(ds_config))
             checkpoint.check_expert_parallel(resume_from, recipe.molora.expert_parallel_size, world)
+        # Then the data (read and converted in full, so a bad row fails now) and the model's config.
+        from molora_ds.data.formats import check_data
+
+        check_data(recipe.data)
+        from molora_ds.models.loading import check_model
+
+        check_model(recipe.model)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

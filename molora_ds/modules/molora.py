@@ -48,7 +48,8 @@ class MoLoRALinear(nn.Module):
         if expert_compute not in EXPERT_COMPUTE:
             raise ValueError(f"expert_compute={expert_compute!r}; choose one of {EXPERT_COMPUTE}")
         self.base_layer = base_layer.requires_grad_(False)
-        out_features, in_features = base_layer.weight.shape
+        # Not weight.shape: a ZeRO-3 partitioned weight (a model loaded under zero.Init) is empty here.
+        out_features, in_features = base_layer.out_features, base_layer.in_features
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, **factory))
@@ -95,10 +96,11 @@ class MoLoRALinear(nn.Module):
             )
         else:
             delta = mixture_of_lora_experts(dropped, lora_a, lora_b, gates, self.scaling, self.gate_rescale)
+        training = torch.is_grad_enabled()  # evaluation forwards are not training load
         with torch.no_grad():
             slots = (gates > 0).sum(0)
             self.expert_load = slots.float() / (gates.shape[0] * self.top_k)
-            if torch.is_grad_enabled():
+            if training:
                 self.routed_slots = slots if self.routed_slots is None else self.routed_slots + slots
         self.aux_loss = (
             self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
