@@ -23,6 +23,7 @@ from pathlib import Path
 
 from molora_ds import checkpoint
 from molora_ds.distributed.env import world_size
+from molora_ds.distributed.expert_parallel import check_setup
 from molora_ds.ds_config import load_ds_config, plan_batches, zero_stage
 from molora_ds.recipe import load_recipe
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if world < 1:
             raise ValueError(f"--world-size must be >= 1, got {world}")
         micro, _ = plan_batches(recipe.train, world, ds_config)
+        check_setup(recipe.molora.expert_parallel_size, world, zero_stage(ds_config))
         if args.dry_run:
             return dry_run(args, recipe, ds_config, world, micro)
         if args.eval_only != (args.adapter is not None):
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         resume_from = checkpoint.resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
         if resume_from is not None:
             checkpoint.check_stage(resume_from, zero_stage(ds_config))
+            checkpoint.check_expert_parallel(resume_from, recipe.molora.expert_parallel_size, world)
         # Then the data (read and converted in full, so a bad row fails now) and the model's config.
         from molora_ds.data.formats import check_data
 

@@ -22,6 +22,7 @@ from molora_ds import checkpoint
 from molora_ds.data.formats import load_splits
 from molora_ds.data.multiple_choice import tokenize_mc
 from molora_ds.data.vision import StepBatches, step_loader, vision_prompt
+from molora_ds.distributed import expert_parallel
 from molora_ds.distributed.env import setup_env
 from molora_ds.ds_config import bf16_enabled, finalize, plan_batches, zero_stage
 from molora_ds.eval import logits_at, mc_accuracy
@@ -79,6 +80,9 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         torch.manual_seed(train.seed)
         self.layer_names = apply_molora(self.model, recipe.molora)
+        ep = recipe.molora.expert_parallel_size
+        layers = molora_layers(self.model)
+        self.experts = expert_parallel.shard_experts(self.model, layers, ep) if ep > 1 else None
         # from_pretrained returns a model in eval mode, a config-built one is in train mode: say which,
         # so that the base model's own dropout does not depend on the loader.
         self.model.train()
@@ -128,7 +132,7 @@ class Trainer:
             tag = self.resume_from
             if self.ds_config.get("checkpoint", {}).get("load_universal"):
                 tag = checkpoint.to_universal(tag)
-            self.step = checkpoint.load(self.engine, tag)["step"]
+            self.step = checkpoint.load(self.engine, tag, self.experts)["step"]
             self._log(f"resumed from {tag} at step {self.step}")
         self.saved_step = self.step  # the newest checkpoint holds this step (or there is none: step 0)
 
@@ -200,7 +204,8 @@ class Trainer:
         # DeepSpeed averages over ranks and accumulation steps; undo both so that the gradient is the
         # one of sum(token losses) / targets, on any process count.
         scale = self.world * self.accum / targets
-        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}  # the lr this step uses
+        groups = self.optimizer.param_groups
+        lrs = {f"lr/{expert_parallel.group_label(g)}": g["lr"] for g in groups}  # the lr this step uses
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         for i, (batch, keep) in enumerate(zip(batches, keeps)):
@@ -246,7 +251,8 @@ class Trainer:
         row |= lrs
         # A skipped step computed no norms: NaN, not the previous step's (nor a missing key at step 1).
         norms = {} if skipped else getattr(self.optimizer, "grad_norms", {})
-        row |= {f"grad_norm/{g['name']}": norms.get(g["name"], math.nan) for g in self.optimizer.param_groups}
+        labels = [expert_parallel.group_label(g) for g in groups]
+        row |= {f"grad_norm/{name}": norms.get(name, math.nan) for name in labels}
         row |= {"tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": int(skipped)}
         return row
 
@@ -296,6 +302,10 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         self.metrics.close()
+        # No rank exits before rank 0 has written its files: launchers end the others once one has
+        # exited (srun --kill-on-bad-exit after a torchrun forwarded a signal), and a job script decides
+        # on requeueing from results.json.
+        dist.barrier()
         return results
 
     def evaluate(self) -> dict:
@@ -330,7 +340,9 @@ class Trainer:
 
     def save(self) -> None:
         meta = {"step": self.step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config)}
-        path = checkpoint.save(self.engine, self.ckpt_root, self.step, meta, self.recipe.train.keep_last)
+        meta["expert_parallel_size"] = self.recipe.molora.expert_parallel_size
+        keep = self.recipe.train.keep_last
+        path = checkpoint.save(self.engine, self.ckpt_root, self.step, meta, keep, self.experts)
         self.saved_step = self.step
         self._log(f"checkpoint: {path}")
 
@@ -339,10 +351,18 @@ class Trainer:
         params = dict(self.engine.module.named_parameters())
         # None under ZeRO-0 without bf16: no optimizer wraps the parameters, which are then the fp32 weights.
         full = {n: safe_get_full_fp32_param(params[n]) for n in adapter_state_dict(self.engine.module)}
-        state = {n: (params[n].detach() if p is None else p).cpu() for n, p in full.items()}
+        state = {n: (params[n].detach() if p is None else p) for n, p in full.items()}
+        if self.experts is not None:  # one file usable without expert parallelism
+            state = {
+                n: expert_parallel.gather_full(t, self.experts)
+                if expert_parallel.is_expert_shard(params[n])
+                else t
+                for n, t in state.items()
+            }
+        state = {n: t.cpu() for n, t in state.items()}
         out = self.run_dir / "adapter"
         if self.rank == 0:
-            save_adapter(out, state, self.recipe.molora)
+            save_adapter(out, state, dataclasses.replace(self.recipe.molora, expert_parallel_size=1))
             self._log(f"adapter: {out}")
         dist.barrier()
         return out
