@@ -55,17 +55,17 @@ def _memoize_loaders() -> None:
         model, tokenizer = load_model(cfg.name_or_path)
         return copy.deepcopy(model).eval(), tokenizer  # eval mode, as from_pretrained returns it
 
-    def splits_once(data, seed: int = 0):
-        key = (data.format, data.train, data.eval, data.eval_size, seed)
+    def splits_once(data, seed: int = 0, vision: bool = False):
+        key = (data.format, data.train, data.eval, data.eval_size, seed, vision)
         if key not in splits:
-            splits[key] = load_splits(data, seed)
+            splits[key] = load_splits(data, seed, vision=vision)
         return splits[key]
 
-    def tokenize_once(ds, tokenizer, max_len: int, prompt: str = "lettered"):
+    def tokenize_once(ds, tokenizer, max_len: int, prompt: str = "lettered", vision=None):
         # ds and tokenizer are the cached objects, alive for the whole process: their ids are stable keys.
-        key = (id(ds), id(tokenizer), max_len, prompt)
+        key = (id(ds), id(tokenizer), max_len, prompt, id(vision))
         if key not in tokenized:
-            tokenized[key] = tokenize(ds, tokenizer, max_len, prompt)
+            tokenized[key] = tokenize(ds, tokenizer, max_len, prompt, vision)
         return tokenized[key]
 
     trainer_module.load_model = fresh_model
