@@ -172,24 +172,49 @@ def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
 
 def test_auto_resume_skips_incomplete_checkpoints(tmp_path):
     root = tmp_path / "checkpoints"
-    assert checkpoint.resolve_resume("auto", root) is None  # a fresh run
+    assert checkpoint.resolve_resume("auto", root) == (None, [])  # a fresh run
     _fake_checkpoint(root, 2)
     four = _fake_checkpoint(root, 4)
     _fake_checkpoint(root, 6, complete=False)  # killed while writing
-    assert checkpoint.resolve_resume("auto", root) == four
+    assert checkpoint.resolve_resume("auto", root) == (four, [f"skipped checkpoint {root}/step00000006: no "
+                                                             "COMPLETE marker (its save did not finish)"])  # fmt: skip
     eight = _fake_checkpoint(root, 8)
     (eight / checkpoint.COMPLETE).write_text("")  # a marker cut short
-    assert checkpoint.resolve_resume("auto", root) == four
     ten = _fake_checkpoint(root, 10)
     with open(ten / "mp_rank_00_model_states.pt", "r+b") as f:  # a shard cut short after the marker
         f.truncate(10)
-    assert checkpoint.resolve_resume("auto", root) == four
     (root / "step00000012_universal").mkdir()  # conversions are never resume targets themselves
-    assert checkpoint.resolve_resume("auto", root) == four
-    assert checkpoint.resolve_resume(str(root.parent), root) == four  # a run folder
-    assert checkpoint.resolve_resume(str(four), root) == four
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    found, skipped = checkpoint.resolve_resume("auto", root)
+    assert found == four
+    assert [line.split(": ", 1)[1] for line in skipped] == [
+        "mp_rank_00_model_states.pt has 10 bytes, 100 were written",
+        "its COMPLETE marker is unreadable",
+        "no COMPLETE marker (its save did not finish)",
+    ]
+    assert checkpoint.resolve_resume(str(root.parent), root)[0] == four  # a run folder
+    assert checkpoint.resolve_resume(str(four), root) == (four, [])
+    with pytest.raises(ValueError, match="not a valid checkpoint: mp_rank_00_model_states.pt has 10 bytes"):
         checkpoint.resolve_resume(str(ten), root)
+
+
+def test_same_size_corruption_is_skipped_and_all_corrupt_is_an_error(tmp_path):
+    """Issue 9.5: sizes alone let a checkpoint whose bytes changed load, and train on to NaN losses."""
+    root = tmp_path / "checkpoints"
+    two, four = _fake_checkpoint(root, 2), _fake_checkpoint(root, 4)
+    shard = four / "mp_rank_00_model_states.pt"
+    shard.write_bytes(b"y" + shard.read_bytes()[1:])  # one byte flipped, same size
+    found, skipped = checkpoint.resolve_resume("auto", root)
+    assert found == two
+    assert skipped == [f"skipped checkpoint {four}: mp_rank_00_model_states.pt does not match its checksum "
+                       "(the file changed after it was written)"]  # fmt: skip
+    meta = two / checkpoint.META
+    meta.write_text(meta.read_text().replace("2", "3", 1))  # the step in the metadata, same size
+    # Checkpoints exist but none is valid: an error naming each reason, not a silent restart at step 0.
+    with pytest.raises(ValueError, match=r"none of the 2 checkpoints under .* is valid \(mp_rank_00_model_states.pt "
+                                         r"does not match its checksum .*; molora_meta.json does not match"):  # fmt: skip
+        checkpoint.resolve_resume("auto", root)
+    with pytest.raises(ValueError, match="not a valid checkpoint: molora_meta.json does not match its checksum"):
+        checkpoint.resolve_resume(str(two), root)
 
 
 # ---------------------------------------------------------------------------- SIGKILL, signals
