@@ -90,6 +90,12 @@ def claim(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunLock, Path |
             )
         moved = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         os.rename(run_dir, moved)  # the old run's lock goes with it, and is released just after
+        lock.run_dir = moved
         lock.release()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a read-only file system, which os.access does not see for root
+        raise RunDirError(
+            f"--output-dir {run_dir} cannot be created ({e.strerror}); pass a folder you can write to"
+        )
     return _lock(run_dir), moved
