@@ -21,7 +21,7 @@ from molora_ds import checkpoint
 from molora_ds.distributed.env import rank, world_size
 from molora_ds.ds_config import check_fp16, load_ds_config, plan_batches, zero_stage
 from molora_ds.recipe import Recipe, load_recipe
-from molora_ds.run_dir import check_usable, claim
+from molora_ds.run_dir import check_claim, claim
 
 log = logging.getLogger("molora_ds")
 
@@ -89,13 +89,22 @@ def main(argv: list[str] | None = None) -> int:
                 "--resume continues the run in --output-dir, --overwrite moves it aside: pass one"
             )
         out = Path(args.output_dir)
-        check_usable(out)
+        if rank() == 0:
+            check_claim(out, resume=args.resume is not None, overwrite=args.overwrite)
         resume_from, notes = checkpoint.resolve_resume(args.resume, out / "checkpoints")
         if resume_from is not None:
             checkpoint.check_stage(resume_from, zero_stage(ds_config))
             notes += resume_notes(resume_from, recipe)
         elif args.resume:
             notes.append(f"--resume {args.resume}: no checkpoint in {out} yet, starting at step 0")
+        # Then the data (read and converted in full, so a bad row fails now) and the model's config.
+        from molora_ds.data.formats import check_data
+
+        check_data(recipe.data)
+        from molora_ds.models.loading import check_model
+
+        check_model(recipe.model)
+        # Last, once every input is known good: only now may the run folder be created.
         lock = None
         if rank() == 0:  # the other ranks write only where rank 0 tells them (checkpoints)
             lock, moved = claim(out, resume=args.resume is not None, overwrite=args.overwrite)
@@ -107,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             log.info(note)
 
+    try:
+        return train(recipe, ds_config, out, resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(recipe: Recipe, ds_config: dict, out: Path, resume_from: Path | None) -> int:
     from molora_ds.trainer import NonFiniteLossError, Trainer  # heavy imports after the cheap checks
 
     try:
@@ -114,9 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:  # a diverged run: say why in one line, not in a traceback per rank
         print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
-        if lock is not None:
-            lock.release()
     return 0 if results["status"] in ("finished", "preempted") else 1
 
 

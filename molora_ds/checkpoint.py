@@ -29,7 +29,8 @@ UNIVERSAL_SUFFIX = "_universal"
 # Recipe keys a checkpoint's state depends on: the adapter's shapes and layers, and what the optimizer
 # state means. Any other change applies on resume (and is logged).
 FIXED_ON_RESUME = (
-    "model",
+    "model.name_or_path",
+    "model.revision",
     "molora.num_experts",
     "molora.layer_experts",
     "molora.rank",
@@ -304,7 +305,12 @@ def _repair_zero3_universal_load(optimizer, universal_dir: Path) -> None:
       groups one after the other, so that tensor advanced once per group and optimizer step,
       and the bias corrections drifted (losses off by ~1e-4 within 5 steps on the tiny recipe).
     """
-    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", weights_only=True)
+    # Tensors and plain containers, plus two DeepSpeed classes it pickles; nothing else may load.
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", weights_only=True)
     groups = saved["optimizer_state_dict"]["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise RuntimeError(

@@ -74,6 +74,24 @@ def _loglik_choices(
     return scores.argmax(dim=1)
 
 
+def generate_replies(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: dict[str, torch.Tensor],
+    pad_id: int,
+    synced: bool = False,
+) -> list[str]:
+    """Greedy replies of ``GENERATE_TOKENS`` tokens to a left-padded batch of prompts."""
+    out = model.generate(
+        **batch,
+        max_new_tokens=GENERATE_TOKENS,
+        do_sample=False,
+        pad_token_id=pad_id,
+        synced_gpus=synced,  # ZeRO-3 ranks must keep stepping together until all are done
+    )
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def _generate_choices(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -82,14 +100,7 @@ def _generate_choices(
     pad_id: int,
     synced: bool,
 ) -> torch.Tensor:
-    out = model.generate(
-        **batch,
-        max_new_tokens=GENERATE_TOKENS,
-        do_sample=False,
-        pad_token_id=pad_id,
-        synced_gpus=synced,  # ZeRO-3 ranks must keep stepping together until all are done
-    )
-    replies = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    replies = generate_replies(model, tokenizer, batch, pad_id, synced)
     picks = [extract_choice(r, int(n)) for r, n in zip(replies, n_choices)]
     return torch.tensor([-1 if p is None else p for p in picks])
 
@@ -115,6 +126,7 @@ def mc_accuracy(
     batch_size: int = 16,
     max_len: int = 1024,
     limit: int | None = None,
+    prompt: str = "lettered",
 ) -> dict[str, float | int]:
     """Accuracy on the first ``limit`` rows of a multiple-choice data set: ``{"accuracy", "n"}``.
 
@@ -132,7 +144,7 @@ def mc_accuracy(
         raise ValueError("cannot compute accuracy on an empty data set")
     rows, counted = _shard(len(ds))
     shard = ds.select(rows)
-    prompts = encode_prompts(shard, tokenizer, max_len)
+    prompts = encode_prompts(shard, tokenizer, max_len, prompt)
     cols = shard.select_columns(["choices", "answer_index"]).to_dict()
     n_choices = torch.tensor([len(c) for c in cols["choices"]])
     gold = torch.tensor(cols["answer_index"])

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from molora_ds.data.assets import asset_dir
 from molora_ds.inject import apply_molora, molora_layers
-from molora_ds.recipe import Recipe
+from molora_ds.recipe import ModelConfig, Recipe
 
 CONFIG_DIR = Path(__file__).resolve().parent / "models" / "configs"
 GIB = 2**30
@@ -30,8 +30,9 @@ GIB = 2**30
 GPU_RESERVE = 2 * GIB
 
 
-def model_config(name: str) -> PretrainedConfig:
+def model_config(model: ModelConfig | str) -> PretrainedConfig:
     """The config of a recipe's model: a shipped JSON (``glm-4-9b``...), a built-in, or a folder."""
+    name = model if isinstance(model, str) else model.name_or_path
     if (CONFIG_DIR / f"{name}.json").is_file():
         return AutoConfig.from_pretrained(CONFIG_DIR / f"{name}.json")
     if name == "tiny-llama":
@@ -277,7 +278,7 @@ def memory_plan(
         if fits(parts["total"] + delta):
             largest = m
     return MemoryPlan(
-        model=recipe.model,
+        model=recipe.model.name_or_path,
         world_size=world,
         zero_stage=z,
         bf16=bf16,

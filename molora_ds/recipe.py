@@ -20,18 +20,84 @@ import yaml
 from molora_ds.config import MoLoRAConfig
 from molora_ds.optim import OptimConfig
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+@dataclass(frozen=True)  # hashable: a value that names a model
+class ModelConfig:
+    """The model to adapt: a built-in name (``smollm2-135m``, ``tiny-llama``), a local folder written by
+    ``save_pretrained``, or a hub id. A recipe may give just that string (``model: /data/glm-4-9b-hf``).
+
+    ``dtype`` is the dtype the weights load in (``auto``: the one in config.json); DeepSpeed's bf16
+    setting still decides the training dtype. ``attn_implementation`` ``None`` keeps transformers' default.
+    """
+
+    name_or_path: str = "smollm2-135m"
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("model.name_or_path is empty; name a built-in model, a folder or a hub id")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+            raise ValueError(
+                f"model.attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)} or null, "
+                f"got {self.attn_implementation!r}"
+            )
+
+
+BUILTIN_DATA = ("rotten_tomatoes", "bigbench/")
+PROMPTS = ("lettered", "paper")
+
 
 @dataclass
 class DataConfig:
-    name: str = "bigbench/social_iqa"
+    """Where the multiple-choice rows come from and how they are prompted.
+
+    ``format`` names the schema (``molora_ds.data.formats``); ``rotten_tomatoes`` and
+    ``bigbench/<task>`` are built in and read no file, every other format reads ``train`` (a jsonl,
+    json, csv or parquet file, a ``save_to_disk`` folder, or a hub id) and, if given, ``eval``
+    (else ``eval_size`` rows of ``train`` are held out). ``columns`` maps our column names to
+    yours for format ``mc``. ``prompt``: ``lettered`` (answer with a letter, scored by
+    log-likelihood) or ``paper`` (the paper's Alpaca-style instruction, target "The answer is X.").
+    Recipes written before ``format`` existed name it ``name``; that key still loads.
+    """
+
+    format: str = "bigbench/social_iqa"
+    train: str | None = None
+    eval: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
     eval_size: int = 300
     max_len: int = 256
+    prompt: str = "lettered"
 
     def __post_init__(self) -> None:
         if self.eval_size < 1 or self.max_len < 1:
             raise ValueError(
                 f"data.eval_size and data.max_len must be >= 1, got {self.eval_size}, {self.max_len}"
             )
+        if self.prompt not in PROMPTS:
+            raise ValueError(f"data.prompt must be one of {list(PROMPTS)}, got {self.prompt!r}")
+        builtin = self.format.startswith(BUILTIN_DATA)
+        if builtin and (self.train or self.eval):
+            raise ValueError(
+                f"data.format {self.format!r} is built in and reads no file; drop data.train/eval"
+            )
+        if not builtin and not self.train:
+            raise ValueError(f"data.format {self.format!r} needs data.train: a data file, folder or hub id")
+        if self.columns and self.format != "mc":
+            raise ValueError(f"data.columns applies to format 'mc' only, not {self.format!r}")
+
+    @property
+    def name(self) -> str:
+        """The built-in data set's name, as recipes called ``format`` before it existed."""
+        return self.format
 
 
 @dataclass
@@ -94,7 +160,7 @@ class EvalConfig:
 
 @dataclass
 class Recipe:
-    model: str = "smollm2-135m"
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     molora: MoLoRAConfig = field(default_factory=MoLoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -106,6 +172,7 @@ class Recipe:
 
 
 _SECTIONS = {
+    "model": ModelConfig,
     "data": DataConfig,
     "molora": MoLoRAConfig,
     "optim": OptimConfig,
@@ -172,6 +239,18 @@ def _build(cls: type, values: dict, where: str) -> object:
         raise ValueError(f"recipe: bad {where}: {e}") from e
 
 
+def _expand_model(raw: dict) -> None:
+    """The shorthand ``model: <name or path>`` as the mapping it stands for."""
+    model = raw.get("model", {})
+    if isinstance(model, str):
+        raw["model"] = {"name_or_path": model}
+    elif not isinstance(model, dict):
+        raise ValueError(
+            f"recipe: model must be str, got {model!r}; give a built-in name, a folder or a hub id, "
+            "or a mapping with name_or_path"
+        )
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
     """The recipe at ``path`` (default: the embedded default) with ``key=value`` overrides applied."""
     raw: dict = {}
@@ -187,6 +266,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
             raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ValueError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
+    if isinstance(raw.get("model"), str):  # so that --set model.dtype=... applies to the shorthand too
+        raw["model"] = {"name_or_path": raw["model"]}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -198,16 +279,26 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
                 f"--set {item!r}: the value is not valid YAML; quote it, e.g. --set 'key=\"text\"'"
             ) from None
         _set_dotted(raw, key, parsed)
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"model"})
+    unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
-        raise ValueError(f"recipe: unknown section(s) {unknown}; known: {sorted([*_SECTIONS, 'model'])}")
-    kwargs = {"model": _convert(raw.get("model", Recipe.model), str, "model")}
+        raise ValueError(f"recipe: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+    _expand_model(raw)
+    data = raw.get("data")
+    if isinstance(data, dict) and "name" in data:  # recipes from before data.format
+        if "format" in data:
+            raise ValueError("recipe: data.name is the old spelling of data.format; give one of them")
+        data["format"] = data.pop("name")
+    kwargs = {}
     for name, cls in _SECTIONS.items():
         section = raw.get(name, {})
         if not isinstance(section, dict):
             raise ValueError(f"recipe: section {name!r} must be a mapping, got {section!r}")
         kwargs[name] = _build(cls, section, name)
     recipe = Recipe(**kwargs)
+    if recipe.data.prompt == "paper" and recipe.eval.method != "generate":
+        raise ValueError(
+            "recipe: data.prompt=paper is scored by generation (the reply 'The answer is X.'); set eval.method=generate"
+        )
     if recipe.molora.gate_rescale != recipe.optim.gate_rescale:
         if "gate_rescale" in raw.get("molora", {}):
             raise ValueError(

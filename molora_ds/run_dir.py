@@ -55,7 +55,8 @@ class RunLock:
             self.fd = -1
 
 
-def _lock(run_dir: Path) -> RunLock:
+def _flock(run_dir: Path) -> int:
+    """A descriptor of ``run_dir`` holding its exclusive lock, or an error naming who holds it."""
     fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -68,10 +69,32 @@ def _lock(run_dir: Path) -> RunLock:
         raise RunDirError(
             f"--output-dir {run_dir} is in use by {holder}; wait for that run to end, or pass another --output-dir"
         ) from None
+    return fd
+
+
+def _lock(run_dir: Path) -> RunLock:
+    fd = _flock(run_dir)
     (run_dir / LOCK).write_text(
         f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
     )
     return RunLock(run_dir, fd)
+
+
+def _check_owner(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if holds_run(run_dir) and not (resume or overwrite):
+        raise RunDirError(
+            f"--output-dir {run_dir} already holds a run; pass --resume auto to continue it, --overwrite "
+            "to move it aside and start over, or another --output-dir"
+        )
+
+
+def check_claim(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """``claim``'s refusals without creating or changing anything: called before the slower checks
+    (data, model), so that a busy or owned folder is reported at once. ``claim`` checks again."""
+    check_usable(run_dir)
+    if run_dir.is_dir():
+        os.close(_flock(run_dir))
+        _check_owner(run_dir, resume, overwrite)
 
 
 def claim(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunLock, Path | None]:
@@ -80,14 +103,13 @@ def claim(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunLock, Path |
     moved = None
     if run_dir.is_dir():
         lock = _lock(run_dir)  # first: a run in progress is "in use", not "holds a run"
+        try:
+            _check_owner(run_dir, resume, overwrite)
+        except RunDirError:
+            lock.release()
+            raise
         if not holds_run(run_dir) or resume:
             return lock, None
-        if not overwrite:
-            lock.release()
-            raise RunDirError(
-                f"--output-dir {run_dir} already holds a run; pass --resume auto to continue it, --overwrite "
-                "to move it aside and start over, or another --output-dir"
-            )
         moved = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         os.rename(run_dir, moved)  # the old run's lock goes with it, and is released just after
         lock.run_dir = moved
@@ -97,5 +119,5 @@ def claim(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunLock, Path |
     except OSError as e:  # e.g. a read-only file system, which os.access does not see for root
         raise RunDirError(
             f"--output-dir {run_dir} cannot be created ({e.strerror}); pass a folder you can write to"
-        )
+        ) from None
     return _lock(run_dir), moved

@@ -18,7 +18,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from molora_ds import checkpoint
-from molora_ds.data.multiple_choice import load_mc_splits, pad_collate, tokenize_mc
+from molora_ds.data.formats import load_splits
+from molora_ds.data.multiple_choice import pad_collate, tokenize_mc
 from molora_ds.distributed.env import setup_env
 from molora_ds.ds_config import bf16_enabled, finalize, plan_batches, zero_stage
 from molora_ds.eval import logits_at, mc_accuracy
@@ -59,10 +60,15 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         train = recipe.train
 
-        # Model and adapters: identical on every rank (seeded), ZeRO partitions them later.
-        torch.manual_seed(train.seed)
-        self.model, self.tokenizer = load_model(recipe.model)
+        self.micro, self.accum = plan_batches(train, self.world, ds_config)
+        self.ds_config = finalize(ds_config, self.micro, self.accum, self.world)
+
+        # Model and adapters: under ZeRO-3 the base model loads partitioned (it needs the final
+        # DeepSpeed config); the adapters are seeded right before they are drawn, so that their
+        # initialisation does not depend on how the model was loaded (zero.Init draws differently).
+        self.model, self.tokenizer = load_model(recipe.model, self.ds_config)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        torch.manual_seed(train.seed)
         self.layer_names = apply_molora(self.model, recipe.molora)
         # from_pretrained returns a model in eval mode, a config-built one is in train mode: say which,
         # so that the base model's own dropout does not depend on the loader.
@@ -70,10 +76,9 @@ class Trainer:
         self.trainable, self.total = count_parameters(self.model)
 
         # Data: a fixed order per epoch, so a step number alone says which examples it sees.
-        self.train_set, self.eval_set = load_mc_splits(recipe.data.name, recipe.data.eval_size, train.seed)
-        self.train_tok = tokenize_mc(self.train_set, self.tokenizer, recipe.data.max_len)
-        self.micro, self.accum = plan_batches(train, self.world, ds_config)
-        self.ds_config = finalize(ds_config, self.micro, self.accum, self.world)
+        data = recipe.data
+        self.train_set, self.eval_set = load_splits(data, train.seed)
+        self.train_tok = tokenize_mc(self.train_set, self.tokenizer, data.max_len, data.prompt)
 
         # Optimizer. Under DeepSpeed the preconditioner runs in gradient hooks (see
         # molora_ds.optim.zero), since ZeRO hands the optimizer flat partitions. No scheduler object:
@@ -109,7 +114,7 @@ class Trainer:
         if self.rank == 0:
             self._write_run_files()
         self._log(
-            f"{recipe.model}: {len(self.layer_names)} MoLoRA layers, {self.trainable:,} trainable of "
+            f"{recipe.model.name_or_path}: {len(self.layer_names)} MoLoRA layers, {self.trainable:,} trainable of "
             f"{self.total:,} params; {self.world} processes x micro-batch {self.micro} x accumulation "
             f"{self.accum} = global batch {train.global_batch}; ZeRO-{zero_stage(self.ds_config)}"
             f"{', bf16' if bf16_enabled(self.ds_config) else ', fp32'}; {optim.name}"
@@ -284,6 +289,7 @@ class Trainer:
             ev.method,
             ev.batch_size,
             self.recipe.data.max_len,
+            prompt=self.recipe.data.prompt,
         )
         self._log(
             f"eval ({ev.method}, {res['n']} questions): accuracy {res['accuracy']:.4f} "

@@ -1,5 +1,4 @@
-"""Data sets and prompt formats; assets (BIG-bench tasks) come from the offline cache."""
+"""Data: published schemas -> multiple-choice rows (formats), prompts and tokenisation (multiple_choice).
 
-from molora_ds.data.multiple_choice import load_mc, load_mc_splits, pad_collate, tokenize_mc
-
-__all__ = ["load_mc", "load_mc_splits", "pad_collate", "tokenize_mc"]
+Nothing is imported here, so that reading the data does not pull in transformers.
+"""

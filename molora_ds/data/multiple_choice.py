@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import string
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ from transformers import PreTrainedTokenizerBase
 from molora_ds.data.assets import bigbench_task_json
 
 MC_COLUMNS = ("question", "choices", "answer_index")
+PARALLEL_TOKENIZE_ROWS = 50_000
+MAX_TOKENIZE_PROCS = 8
 LETTERS = string.ascii_uppercase
 ANSWER_PREFIX = "Answer:"
 # BIG-bench tasks often put the gold answer at a fixed position (timedial: always index 2), so the
@@ -125,10 +128,26 @@ def load_mc_splits(name: str, eval_size: int, seed: int = 0) -> tuple[Dataset, D
     return ds.select(train_idx), ds.select(eval_idx)
 
 
-def format_prompt(question: str, choices: Sequence[str]) -> str:
-    """The plain lettered prompt, ending in ``Answer:``; the target is `` <letter>``."""
+# The paper's QA setup: an Alpaca-style instruction, options as "(A) ... (B) ...", and the reply
+# "The answer is X." read back by a regex (eval.extract_choice) from a generation.
+PAPER_HEAD = (
+    "Below is an instruction that describes a task. Write a response that completes it.\n\n"
+    "### Instruction:\nQuestion: "
+)
+PAPER_TAIL = "\n\n### Response:\n"
+PAPER_TARGET = "The answer is {letter}."
+# Text before the question, per prompt style: a long question is cut right after it.
+_HEADS = {"lettered": "Question: ", "paper": PAPER_HEAD}
+
+
+def format_prompt(question: str, choices: Sequence[str], style: str = "lettered") -> str:
+    """The prompt of one question: ``lettered`` ends in ``Answer:`` (target `` <letter>``), ``paper`` in the
+    Alpaca-style ``### Response:`` (target "The answer is <letter>.")."""
     if len(choices) > len(LETTERS):
         raise ValueError(f"{len(choices)} choices but only {len(LETTERS)} answer letters")
+    if style == "paper":
+        options = " ".join(f"({L}) {c}" for L, c in zip(LETTERS, choices))
+        return f"{PAPER_HEAD}{question}\nOptions: {options}{PAPER_TAIL}"
     lines = [f"Question: {question}", *(f"{L}. {c}" for L, c in zip(LETTERS, choices)), ANSWER_PREFIX]
     return "\n".join(lines)
 
@@ -153,7 +172,9 @@ def letter_token_ids(tokenizer: PreTrainedTokenizerBase, n: int = len(LETTERS)) 
     return ids
 
 
-def encode_prompts(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[list[int]]:
+def encode_prompts(
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int, prompt: str = "lettered"
+) -> list[list[int]]:
     """Prompt token ids, each at most ``max_len``; a long question loses its beginning.
 
     Cutting the question's start keeps the choices and ``Answer:`` the model must see to reply.
@@ -162,9 +183,8 @@ def encode_prompts(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int
     cols = ds.select_columns(["question", "choices"]).to_dict()  # column-wise: row iteration is slow
     prompts, spans = [], []
     for q, choices in zip(cols["question"], cols["choices"]):
-        prompt = format_prompt(q, choices)
-        start = len("Question: ")
-        prompts.append(prompt)
+        start = len(_HEADS[prompt])
+        prompts.append(format_prompt(q, choices, prompt))
         spans.append((start, start + len(q)))
     enc = tokenizer(prompts, return_offsets_mapping=True)
     out = []
@@ -184,23 +204,55 @@ def encode_prompts(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int
     return out
 
 
-def tokenize_mc(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int) -> Dataset:
-    """Training examples: ``input_ids`` = prompt + answer letter + eos, ``labels`` = -100 on the prompt.
+def _targets(tokenizer: PreTrainedTokenizerBase, n: int, prompt: str) -> list[list[int]]:
+    """Token ids of the reply naming each of the first ``n`` choices, eos included."""
+    if prompt == "paper":
+        replies = [PAPER_TARGET.format(letter=L) for L in LETTERS[:n]]
+        ids = tokenizer(replies, add_special_tokens=False)["input_ids"]
+    else:
+        ids = [[t] for t in letter_token_ids(tokenizer, n)]
+    return [t + [tokenizer.eos_token_id] for t in ids]
 
-    Only the answer is learned; the prompt is context. Sequences are at most ``max_len`` tokens.
+
+def _tokenize_batch(
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    prompt: str,
+    targets: list[list[int]],
+) -> dict[str, list]:
+    target_len = max(len(t) for t in targets)
+    prompts = encode_prompts(Dataset.from_dict(batch), tokenizer, max_len - target_len, prompt)
+    input_ids = [ids + targets[a] for ids, a in zip(prompts, batch["answer_index"])]
+    labels = [[-100] * len(ids) + targets[a] for ids, a in zip(prompts, batch["answer_index"])]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_mc(
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int, prompt: str = "lettered"
+) -> Dataset:
+    """Training examples: ``input_ids`` = prompt + reply + eos, ``labels`` = -100 on the prompt.
+
+    Only the reply is learned (a letter, or "The answer is X." for ``prompt="paper"``); the prompt
+    is context. Sequences are at most ``max_len`` tokens. A data set read from files (formats.py)
+    is tokenised with ``Dataset.map``, whose result datasets caches beside the data under a
+    fingerprint of the rows, the tokenizer and these settings: a re-run reuses it.
     """
     check_mc_columns(ds)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{type(tokenizer).__name__} has no eos token; set tokenizer.eos_token")
-    cols = ds.select_columns(["choices", "answer_index"]).to_dict()
-    letters = letter_token_ids(tokenizer, max(len(c) for c in cols["choices"]))
-    target_len = 2
-    input_ids, labels = [], []
-    for prompt, answer in zip(encode_prompts(ds, tokenizer, max_len - target_len), cols["answer_index"]):
-        target = [letters[answer], tokenizer.eos_token_id]
-        input_ids.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
-    return Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+    n_choices = max(len(c) for c in ds.select_columns(["choices"]).to_dict()["choices"])
+    return ds.select_columns(list(MC_COLUMNS)).map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=1000,
+        # Worker processes pay off on large sets only (each loads the tokenizer: about a second).
+        num_proc=min(os.cpu_count() or 1, MAX_TOKENIZE_PROCS) if len(ds) >= PARALLEL_TOKENIZE_ROWS else None,
+        remove_columns=list(MC_COLUMNS),
+        fn_kwargs={"tokenizer": tokenizer, "max_len": max_len, "prompt": prompt,
+                   "targets": _targets(tokenizer, n_choices, prompt)},
+        desc="tokenising",
+    )  # fmt: skip
 
 
 def pad_collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

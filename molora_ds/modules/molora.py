@@ -38,7 +38,8 @@ class MoLoRALinear(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
         self.base_layer = base_layer.requires_grad_(False)
-        out_features, in_features = base_layer.weight.shape
+        # Not weight.shape: a ZeRO-3 partitioned weight (a model loaded under zero.Init) is empty here.
+        out_features, in_features = base_layer.out_features, base_layer.in_features
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, **factory))
@@ -81,10 +82,11 @@ class MoLoRALinear(nn.Module):
             self.scaling,
             self.gate_rescale,
         )
+        training = torch.is_grad_enabled()  # evaluation forwards are not training load
         with torch.no_grad():
             slots = (gates > 0).sum(0)
             self.expert_load = slots.float() / (gates.shape[0] * self.top_k)
-            if torch.is_grad_enabled():
+            if training:
                 self.routed_slots = slots if self.routed_slots is None else self.routed_slots + slots
         self.aux_loss = (
             self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None

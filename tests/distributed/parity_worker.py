@@ -47,22 +47,29 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 
 def _memoize_loaders() -> None:
     """Load the model, data split and tokens once per process; every run gets them fresh."""
-    load_model = cache(trainer_module.load_model)
+    load_model = cache(trainer_module.load_model)  # keyed by the model's name (a built-in here)
+    load_splits, splits = trainer_module.load_splits, {}
     tokenize, tokenized = trainer_module.tokenize_mc, {}
 
-    def fresh_model(name: str):
-        model, tokenizer = load_model(name)
+    def fresh_model(cfg, ds_config=None):
+        model, tokenizer = load_model(cfg.name_or_path)
         return copy.deepcopy(model).eval(), tokenizer  # eval mode, as from_pretrained returns it
 
-    def tokenize_once(ds, tokenizer, max_len: int):
+    def splits_once(data, seed: int = 0):
+        key = (data.format, data.train, data.eval, data.eval_size, seed)
+        if key not in splits:
+            splits[key] = load_splits(data, seed)
+        return splits[key]
+
+    def tokenize_once(ds, tokenizer, max_len: int, prompt: str = "lettered"):
         # ds and tokenizer are the cached objects, alive for the whole process: their ids are stable keys.
-        key = (id(ds), id(tokenizer), max_len)
+        key = (id(ds), id(tokenizer), max_len, prompt)
         if key not in tokenized:
-            tokenized[key] = tokenize(ds, tokenizer, max_len)
+            tokenized[key] = tokenize(ds, tokenizer, max_len, prompt)
         return tokenized[key]
 
     trainer_module.load_model = fresh_model
-    trainer_module.load_mc_splits = cache(trainer_module.load_mc_splits)
+    trainer_module.load_splits = splits_once
     trainer_module.tokenize_mc = tokenize_once
 
 

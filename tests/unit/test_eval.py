@@ -9,8 +9,8 @@ import pytest
 import torch
 from datasets import concatenate_datasets
 
-from molora_ds.data.multiple_choice import format_prompt, load_mc
-from molora_ds.eval import extract_choice, logits_at, mc_accuracy
+from molora_ds.data.multiple_choice import encode_prompts, format_prompt, load_mc
+from molora_ds.eval import _pad, extract_choice, generate_replies, logits_at, mc_accuracy
 from molora_ds.models.loading import load_model
 
 
@@ -97,10 +97,21 @@ def test_restores_each_module_mode(tiny, mixed):
     model.eval()
 
 
-def test_generate_mode_runs(tiny, mixed):
+def test_generate_batched_replies_equal_unpadded_ones(tiny, mixed):
+    """Left-padded batches generate, token for token, what each prompt generates alone."""
     model, tokenizer = tiny
-    result = mc_accuracy(model, tokenizer, mixed, method="generate", batch_size=3, limit=5)
-    assert result["n"] == 5 and 0.0 <= result["accuracy"] <= 1.0
+    model.eval()
+    prompts = encode_prompts(mixed, tokenizer, 1024)
+    alone = [
+        generate_replies(model, tokenizer, _pad([p], 0, left=True, device=torch.device("cpu")), pad_id=0)[0]
+        for p in prompts
+    ]
+    batched = generate_replies(
+        model, tokenizer, _pad(prompts, 0, left=True, device=torch.device("cpu")), pad_id=0
+    )
+    assert len({len(p) for p in prompts}) > 1, "prompts of one length would need no padding"
+    assert batched == alone
+    assert mc_accuracy(model, tokenizer, mixed, method="generate", batch_size=4)["n"] == len(mixed)
 
 
 @pytest.mark.parametrize(

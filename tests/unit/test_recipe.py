@@ -33,7 +33,7 @@ def test_shipped_recipes_load(path):
 
 def test_no_file_gives_the_paper_defaults():
     recipe = load_recipe(None)
-    assert recipe.model == "smollm2-135m"
+    assert recipe.model.name_or_path == "smollm2-135m"
     assert (recipe.molora.num_experts, recipe.molora.rank, recipe.molora.top_k) == (20, 4, 10)
     assert (recipe.optim.method, recipe.optim.gate_lr, recipe.optim.reg) == ("gradamw", 3e-8, 1e-6)
 
@@ -64,15 +64,15 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
             "train.decay_steps=null",
         ],
     )
-    assert recipe.model == "tiny-llama"
+    assert recipe.model.name_or_path == "tiny-llama"
     assert (recipe.train.max_steps, recipe.train.seed, recipe.train.decay_steps) == (12, 3, None)
     assert recipe.molora.target_modules == ["q_proj", "k_proj"]
     assert recipe.molora.dropout == 0.0 and isinstance(recipe.molora.dropout, float)
     assert recipe.eval.before is False
     assert recipe.optim.betas == (0.8, 0.9)
-    assert recipe.data.name == "bigbench/timedial"
+    assert recipe.data.format == "bigbench/timedial"
     assert load_recipe(path, ["molora.target_modules=.*proj"]).molora.target_modules == ".*proj"  # a regex
-    assert load_recipe(path, ["model=smollm2-135m"]).model == "smollm2-135m"
+    assert load_recipe(path, ["model=smollm2-135m"]).model.name_or_path == "smollm2-135m"
 
 
 @pytest.mark.parametrize("text", ["1e-3", "1.0e-3", "0.001", "'1e-3'"])
@@ -90,7 +90,10 @@ def test_exponent_floats_are_numbers(tmp_path, text):
         (["train.maxsteps=5"], "unknown key(s) ['maxsteps'] in train; known: ["),
         (["train.max_steps"], "--set 'train.max_steps': expected key=value, e.g. --set molora.top_k=4"),
         (["train=5"], "section 'train' must be a mapping, got 5"),
-        (["model.name=x"], "model must be str, got {'name': 'x'}"),
+        (["model.name=x"], "unknown key(s) ['name'] in model; known: ['attn_implementation'"),
+        (["model.dtype=fp8"], "model.dtype must be one of"),
+        (["data.prompt=paper"], "data.prompt=paper is scored by generation"),
+        (["data.format=commonsense_qa"], "data.format 'commonsense_qa' needs data.train"),
         (
             ["train.max_steps=3", "train.max_steps.x=1"],
             "recipe: cannot set train.max_steps.x: 'max_steps' is 3, not a section",
