@@ -21,7 +21,7 @@ from molora_ds import checkpoint
 from molora_ds.distributed.env import rank, world_size
 from molora_ds.ds_config import check_fp16, load_ds_config, plan_batches, zero_stage
 from molora_ds.recipe import Recipe, load_recipe
-from molora_ds.run_dir import check_claim, claim
+from molora_ds.run_dir import check_claim, check_resume_target, claim
 
 log = logging.getLogger("molora_ds")
 
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             check_claim(out, resume=args.resume is not None, overwrite=args.overwrite)
         resume_from, notes = checkpoint.resolve_resume(args.resume, out / "checkpoints")
         if resume_from is not None:
+            check_resume_target(resume_from, out)
             checkpoint.check_stage(resume_from, zero_stage(ds_config))
             notes += resume_notes(resume_from, recipe)
         elif args.resume:

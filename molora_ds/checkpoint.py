@@ -116,26 +116,26 @@ def is_complete(tag_dir: Path) -> bool:
     return problem(tag_dir, verify=False) is None
 
 
-def _tags(root: Path) -> list[Path]:
+def tags(root: Path) -> list[Path]:
     """Checkpoint folders under ``root``, oldest first (conversions are never resume targets themselves)."""
     if not root.is_dir():
         return []
-    tags = [p for p in root.iterdir() if p.name.startswith("step") and not p.name.endswith(UNIVERSAL_SUFFIX)]
-    return sorted((p for p in tags if p.is_dir()), key=lambda p: p.name)
+    found = [p for p in root.iterdir() if p.name.startswith("step") and not p.name.endswith(UNIVERSAL_SUFFIX)]
+    return sorted((p for p in found if p.is_dir()), key=lambda p: p.name)
 
 
 def _complete_tags(root: Path) -> list[Path]:
-    return [p for p in _tags(root) if is_complete(p)]
+    return [p for p in tags(root) if is_complete(p)]
 
 
 def find_latest(root: Path) -> Path | None:
-    tags = _complete_tags(root)
-    return tags[-1] if tags else None
+    done = _complete_tags(root)
+    return done[-1] if done else None
 
 
 def _newest_valid(root: Path, arg: str) -> tuple[Path | None, list[str]]:
     skipped = []
-    for tag in reversed(_tags(root)):
+    for tag in reversed(tags(root)):
         why = problem(tag)
         if why is None:
             return tag, skipped
@@ -167,7 +167,7 @@ def resolve_resume(arg: str | None, ckpt_root: Path) -> tuple[Path | None, list[
             raise ValueError(f"--resume {arg}: not a valid checkpoint: {why}")
         return path, []
     for root in (path, path / "checkpoints"):
-        if _tags(root):
+        if tags(root):
             return _newest_valid(root, arg)
     raise FileNotFoundError(
         f"--resume {arg}: no checkpoint there (a stepNNNNNNNN folder with a {COMPLETE} marker)"

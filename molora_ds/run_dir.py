@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from molora_ds import checkpoint
+
 LOCK = "run.lock"
 # What a run writes: any of these means the folder holds a run (an empty folder, or one with only a
 # stale lock file, does not).
@@ -85,6 +87,26 @@ def _check_owner(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise RunDirError(
             f"--output-dir {run_dir} already holds a run; pass --resume auto to continue it, --overwrite "
             "to move it aside and start over, or another --output-dir"
+        )
+
+
+def check_resume_target(tag_dir: Path, run_dir: Path) -> None:
+    """A run folder holds one line of checkpoints. Resuming from an older one of its own while newer
+    valid ones exist, or from another folder's checkpoint into a folder that holds a run, would
+    interleave two runs (and keep-last rotation would delete the new checkpoints, which sort first)."""
+    own = run_dir / "checkpoints"
+    if tag_dir.parent.resolve() != own.resolve():
+        if holds_run(run_dir):
+            raise RunDirError(
+                f"--resume {tag_dir} belongs to another run folder, and --output-dir {run_dir} holds a run of "
+                "its own; resume into a new --output-dir"
+            )
+        return
+    newer = [t.name for t in checkpoint.tags(own) if t.name > tag_dir.name and checkpoint.problem(t) is None]
+    if newer:
+        raise RunDirError(
+            f"--resume {tag_dir}: {own} has newer checkpoints {newer}; to branch off an older one, resume into a "
+            "new --output-dir"
         )
 
 

@@ -258,6 +258,12 @@ BAD_INPUTS = {
                                  "none of the 1 checkpoints under"),
     "resume-past-max-steps": (["--output-dir", "{tmp}/four_experts", "--resume", "auto", "--max-steps", "1"],
                               "is at step 2, past train.max_steps=1"),
+    "resume-an-older-checkpoint": (["--output-dir", "{tmp}/two_checkpoints", "--resume",
+                                    "{tmp}/two_checkpoints/checkpoints/step00000002"],
+                                   "has newer checkpoints ['step00000004']; to branch off an older one"),
+    "resume-another-runs-checkpoint": (["--output-dir", "{tmp}/old_run", "--resume",
+                                        "{tmp}/four_experts/checkpoints/step00000002"],
+                                       "belongs to another run folder, and --output-dir"),
     "set-value-not-yaml": (["--set", "optim.lr=[1"], "--set 'optim.lr=[1': the value is not valid YAML"),
     # issue 9.8, checked since issue 10
     "unknown-model": (["--set", "model=nope"], "model 'nope' is not a local folder"),
@@ -319,8 +325,8 @@ def _prepare_bad_inputs(tmp: Path) -> subprocess.Popen:
     (tmp / "scalar_train.yaml").write_text("model: tiny-llama\ntrain: 3\n")
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml").to_dict()
 
-    def fake_checkpoint(run: str, meta: dict, corrupt_after: bool = False) -> Path:
-        tag = tmp / run / "checkpoints" / "step00000002"
+    def fake_checkpoint(run: str, meta: dict, corrupt_after: bool = False, step: int = 2) -> Path:
+        tag = tmp / run / "checkpoints" / f"step{step:08d}"
         tag.mkdir(parents=True)
         (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"0" * 10)
         (tag / checkpoint.META).write_text(json.dumps(meta) if isinstance(meta, dict) else meta)
@@ -334,6 +340,8 @@ def _prepare_bad_inputs(tmp: Path) -> subprocess.Popen:
     fake_checkpoint("four_experts", meta)
     fake_checkpoint("bad_meta", '{"step": 2, "world')  # written damaged: its checksum matches
     fake_checkpoint("corrupt", meta, corrupt_after=True)
+    fake_checkpoint("two_checkpoints", meta)
+    fake_checkpoint("two_checkpoints", meta | {"step": 4}, step=4)
     (tmp / "old_run").mkdir()
     (tmp / "old_run" / "metrics.jsonl").write_text('{"step": 1, "loss": 10.8}\n')
     (tmp / "busy").mkdir()
