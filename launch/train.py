@@ -19,6 +19,7 @@ from pathlib import Path
 
 from molora_ds import checkpoint
 from molora_ds.distributed.env import rank, world_size
+from molora_ds.distributed.expert_parallel import check_setup
 from molora_ds.ds_config import check_fp16, load_ds_config, plan_batches, zero_stage
 from molora_ds.recipe import Recipe, load_recipe
 from molora_ds.run_dir import check_claim, check_resume_target, claim
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if world < 1:
             raise ValueError(f"--world-size must be >= 1, got {world}")
         micro, _ = plan_batches(recipe.train, world, ds_config)
+        check_setup(recipe.molora.expert_parallel_size, world, zero_stage(ds_config))
         if args.dry_run:
             return dry_run(args, recipe, ds_config, world, micro)
         check_fp16(ds_config)
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if resume_from is not None:
             check_resume_target(resume_from, out)
             checkpoint.check_stage(resume_from, zero_stage(ds_config))
+            checkpoint.check_expert_parallel(resume_from, recipe.molora.expert_parallel_size, world)
             notes += resume_notes(resume_from, recipe)
         elif args.resume:
             notes.append(f"--resume {args.resume}: no checkpoint in {out} yet, starting at step 0")

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from molora_ds.inject import molora_layers
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -209,9 +211,8 @@ def recipe_changes(tag_dir: Path, recipe: dict) -> list[str]:
     that cannot apply to its state, and for a checkpoint already past ``train.max_steps``."""
     meta = read_meta(tag_dir)
     new = _flatten(json.loads(json.dumps(recipe)))  # tuples as lists, as the saved copy has them
-    old = _flatten(
-        meta.get("recipe", new)
-    )  # checkpoints written before recipes were saved: nothing to compare
+    # A checkpoint written before recipes were saved has nothing to compare.
+    old = _flatten(meta.get("recipe", new))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     fixed = [k for k in changed if k in FIXED_ON_RESUME]
     if fixed:
@@ -228,8 +229,33 @@ def recipe_changes(tag_dir: Path, recipe: dict) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
-def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
-    """Collective: every rank writes its shards, then rank 0 marks the folder complete."""
+def check_expert_parallel(tag_dir: Path, size: int, world: int) -> None:
+    """Expert-parallel checkpoints hold each rank's expert shard in DeepSpeed's per-rank optimizer files,
+    which its universal conversion does not merge: resume them only on the same layout."""
+    meta = read_meta(tag_dir)
+    saved = (meta.get("expert_parallel_size", 1), meta["world_size"])
+    if max(saved[0], size) > 1 and saved != (size, world):
+        raise ValueError(
+            f"--resume: {tag_dir} was saved with expert_parallel_size={saved[0]} on {saved[1]} processes, this "
+            f"run has {size} on {world}: resume an expert-parallel run on the same layout (its exported adapter "
+            "loads anywhere)"
+        )
+
+
+def _client_state(meta: dict) -> dict:
+    """Our metadata, and the universal-format marker for a run without expert parallelism: with it,
+    DeepSpeed's MoE save path writes that key itself and refuses ours."""
+    state = {"molora": meta}
+    if meta.get("expert_parallel_size", 1) == 1:
+        state["universal_checkpoint_info"] = {"universal_checkpoint_version": 0.2}
+    return state
+
+
+def save(engine, root: Path, step: int, meta: dict, keep_last: int, experts=None) -> Path:
+    """Collective: every rank writes its shards, then rank 0 marks the folder complete.
+
+    ``experts``: the run's ``expert_parallel.ExpertGroup`` under expert parallelism, else None.
+    """
     tag = _tag(step)
     rank = dist.get_rank()
     if rank == 0:
@@ -241,12 +267,14 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     engine.save_checkpoint(
         str(root),
         tag=tag,
-        client_state={"molora": meta, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}},
+        client_state=_client_state(meta),
         save_latest=False,
         # Only what training changes: the frozen base (18 GB for GLM-4-9B under ZeRO 0-2) comes
         # from its own files at every start, and must not eat the preemption signal's margin.
         exclude_frozen_parameters=True,
     )
+    if experts is not None:
+        save_expert_shards(engine.module, root / tag, experts)
     dist.barrier()
     if rank == 0:
         (root / tag / META).write_text(json.dumps(meta, indent=2))
@@ -256,6 +284,34 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
             shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
     dist.barrier()
     return root / tag
+
+
+def _shard_file(tag_dir: Path, experts) -> Path:
+    return tag_dir / f"expert_shard_{experts.rank:03d}_of_{experts.size:03d}.pt"
+
+
+def save_expert_shards(model, tag_dir: Path, experts) -> None:
+    """Write this rank's expert weights (the model's working copy) if it is its shard's writer.
+
+    DeepSpeed saves expert parameters in no model file (its own MoE experts go to per-expert files
+    this layer does not have), and on load restores only ZeRO's fp32 master copy: without this file the
+    first step after a resume would run on the initial experts.
+    """
+    if experts.writes_shard:
+        state = {
+            f"{name}.{n}": p.detach().cpu()
+            for name, m in molora_layers(model).items()
+            for n, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B))
+        }
+        torch.save(state, _shard_file(tag_dir, experts))
+
+
+def load_expert_shards(model, tag_dir: Path, experts) -> None:
+    state = torch.load(_shard_file(tag_dir, experts), weights_only=True)
+    with torch.no_grad():
+        for name, m in molora_layers(model).items():
+            m.lora_A.copy_(state[f"{name}.lora_A"])
+            m.lora_B.copy_(state[f"{name}.lora_B"])
 
 
 def to_universal(tag_dir: Path) -> Path:
@@ -284,12 +340,14 @@ def to_universal(tag_dir: Path) -> Path:
     return out
 
 
-def load(engine, tag_dir: Path) -> dict:
-    """Load model, optimizer and scheduler state; returns our metadata."""
+def load(engine, tag_dir: Path, experts=None) -> dict:
+    """Load model, optimizer and scheduler state; returns our metadata. ``experts`` as in ``save``."""
     # Not strict: the checkpoint holds the trainable parameters only (see ``save``).
     path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    if experts is not None:
+        load_expert_shards(engine.module, tag_dir, experts)
     if tag_dir.name.endswith(UNIVERSAL_SUFFIX) and engine.zero_optimization_stage() == 3:
         _repair_zero3_universal_load(engine.optimizer.optimizer, tag_dir)
     return read_meta(tag_dir)

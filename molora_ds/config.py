@@ -15,6 +15,10 @@ class MoLoRAConfig:
     regex that must match the whole name (PEFT's rules). ``None`` picks the model family's default.
     ``layer_experts``: MoLA-style per-layer expert counts; the layers are split into
     ``len(layer_experts)`` contiguous groups, e.g. ``[2, 4, 6, 8]`` for the four quarters.
+    ``expert_compute``: ``auto`` | ``dense`` | ``sparse`` (only the top_k selected experts per token;
+    ``auto`` picks by the cost rule of ``molora_ds.modules.sparse.use_sparse``).
+    ``expert_parallel_size``: shard each layer's experts over this many ranks (DeepSpeed's expert-parallel
+    groups, ``molora_ds.distributed.expert_parallel``); it must divide every expert count.
     """
 
     num_experts: int = 20
@@ -27,6 +31,8 @@ class MoLoRAConfig:
     layer_experts: list[int] | None = None
     load_balance_coef: float = 0.0
     include_vision: bool = False
+    expert_compute: str = "auto"
+    expert_parallel_size: int = 1
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +66,20 @@ class MoLoRAConfig:
             raise ValueError(f"MoLoRAConfig: dropout must be in [0, 1), got {self.dropout}")
         if self.load_balance_coef < 0:
             raise ValueError(f"MoLoRAConfig: load_balance_coef must be >= 0, got {self.load_balance_coef}")
+        if self.expert_compute not in ("auto", "dense", "sparse"):
+            raise ValueError(
+                f"MoLoRAConfig: expert_compute={self.expert_compute!r}; choose 'auto', 'dense' or 'sparse'"
+            )
+        if self.expert_parallel_size < 1:
+            raise ValueError(
+                f"MoLoRAConfig: expert_parallel_size must be >= 1, got {self.expert_parallel_size}"
+            )
+        uneven = [c for c in counts if c % self.expert_parallel_size]
+        if uneven:
+            raise ValueError(
+                f"MoLoRAConfig: expert_parallel_size={self.expert_parallel_size} does not divide the expert "
+                f"count {uneven[0]}; choose a divisor of every expert count"
+            )
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError(
                 "MoLoRAConfig: target_modules is an empty list; name at least one module or use None"

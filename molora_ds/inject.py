@@ -102,6 +102,7 @@ def apply_molora(model: nn.Module, cfg: MoLoRAConfig) -> list[str]:
             dropout=cfg.dropout,
             gate_rescale=cfg.gate_rescale,
             load_balance_coef=cfg.load_balance_coef,
+            expert_compute=cfg.expert_compute,
         )
         setattr(model.get_submodule(parent_name), child, layer)
     trainable, total = count_parameters(model)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from molora_ds import checkpoint
 from molora_ds.data.formats import load_splits
 from molora_ds.data.multiple_choice import pad_collate, tokenize_mc
+from molora_ds.distributed import expert_parallel
 from molora_ds.distributed.env import setup_env
 from molora_ds.ds_config import bf16_enabled, finalize, plan_batches, zero_stage
 from molora_ds.eval import logits_at, mc_accuracy
@@ -70,6 +71,9 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         torch.manual_seed(train.seed)
         self.layer_names = apply_molora(self.model, recipe.molora)
+        ep = recipe.molora.expert_parallel_size
+        layers = molora_layers(self.model)
+        self.experts = expert_parallel.shard_experts(self.model, layers, ep) if ep > 1 else None
         # from_pretrained returns a model in eval mode, a config-built one is in train mode: say which,
         # so that the base model's own dropout does not depend on the loader.
         self.model.train()
@@ -85,7 +89,8 @@ class Trainer:
         # each step's lr is the recipe's times train.lr_factor(step), set in train_step.
         optim = recipe.optim
         self.optimizer = build_optimizer(self.model, precondition_in_step=False, **dataclasses.asdict(optim))
-        self.base_lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        # By label: DeepSpeed renames the expert-parallel group in initialize.
+        self.base_lrs = {expert_parallel.group_label(g): g["lr"] for g in self.optimizer.param_groups}
 
         # Resume target first: another process count needs the universal format, set before initialize.
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -105,7 +110,7 @@ class Trainer:
             tag = self.resume_from
             if self.ds_config.get("checkpoint", {}).get("load_universal"):
                 tag = checkpoint.to_universal(tag)
-            self.step = checkpoint.load(self.engine, tag)["step"]
+            self.step = checkpoint.load(self.engine, tag, self.experts)["step"]
             self._log(f"resumed from {tag} at step {self.step}")
         self.saved_step = self.step  # the newest checkpoint holds this step (or there is none: step 0)
 
@@ -180,9 +185,10 @@ class Trainer:
         # A function of the step number: a skipped step uses its lr slot as it uses its data. (DeepSpeed
         # would not step a scheduler after a ZeRO-1/2 overflow but would on ZeRO-0: it is not asked.)
         factor = self.recipe.train.lr_factor(self.step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.base_lrs[g["name"]] * factor
-        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}  # the lr this step uses
+        groups = self.optimizer.param_groups
+        for g in groups:
+            g["lr"] = self.base_lrs[expert_parallel.group_label(g)] * factor
+        lrs = {f"lr/{expert_parallel.group_label(g)}": g["lr"] for g in groups}  # the lr this step uses
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         for i, (batch, keep) in enumerate(zip(batches, keeps)):
@@ -226,7 +232,8 @@ class Trainer:
         row |= lrs
         # A skipped step computed no norms: NaN, not the previous step's (nor a missing key at step 1).
         norms = {} if skipped else getattr(self.optimizer, "grad_norms", {})
-        row |= {f"grad_norm/{g['name']}": norms.get(g["name"], math.nan) for g in self.optimizer.param_groups}
+        labels = [expert_parallel.group_label(g) for g in groups]
+        row |= {f"grad_norm/{name}": norms.get(name, math.nan) for name in labels}
         row |= {"tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": int(skipped)}
         return row
 
@@ -277,6 +284,10 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         self.metrics.close()
+        # No rank exits before rank 0 has written its files: launchers end the others once one has
+        # exited (srun --kill-on-bad-exit after a torchrun forwarded a signal), and a job script decides
+        # on requeueing from results.json.
+        dist.barrier()
         return results
 
     def evaluate(self) -> dict:
@@ -309,10 +320,10 @@ class Trainer:
 
     def save(self) -> None:
         meta = {"step": self.step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config)}
-        meta["recipe"] = (
-            self.recipe.to_dict()
-        )  # a resume compares its own recipe with it (checkpoint.recipe_changes)
-        path = checkpoint.save(self.engine, self.ckpt_root, self.step, meta, self.recipe.train.keep_last)
+        meta["expert_parallel_size"] = self.recipe.molora.expert_parallel_size
+        meta["recipe"] = self.recipe.to_dict()  # a resume compares its own recipe with it (recipe_changes)
+        keep = self.recipe.train.keep_last
+        path = checkpoint.save(self.engine, self.ckpt_root, self.step, meta, keep, self.experts)
         self.saved_step = self.step
         self._log(f"checkpoint: {path}")
 
@@ -321,10 +332,18 @@ class Trainer:
         params = dict(self.engine.module.named_parameters())
         # None under ZeRO-0 without bf16: no optimizer wraps the parameters, which are then the fp32 weights.
         full = {n: safe_get_full_fp32_param(params[n]) for n in adapter_state_dict(self.engine.module)}
-        state = {n: (params[n].detach() if p is None else p).cpu() for n, p in full.items()}
+        state = {n: (params[n].detach() if p is None else p) for n, p in full.items()}
+        if self.experts is not None:  # one file usable without expert parallelism
+            state = {
+                n: expert_parallel.gather_full(t, self.experts)
+                if expert_parallel.is_expert_shard(params[n])
+                else t
+                for n, t in state.items()
+            }
+        state = {n: t.cpu() for n, t in state.items()}
         out = self.run_dir / "adapter"
         if self.rank == 0:
-            save_adapter(out, state, self.recipe.molora)
+            save_adapter(out, state, dataclasses.replace(self.recipe.molora, expert_parallel_size=1))
             self._log(f"adapter: {out}")
         dist.barrier()
         return out

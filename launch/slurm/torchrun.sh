@@ -43,6 +43,7 @@ port="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+rm -f "$out/results.json"  # a crash must not leave the last segment's "preempted" to decide
 rc=0
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
   torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "${GPUS_PER_NODE:-8}" \

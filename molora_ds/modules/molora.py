@@ -9,6 +9,9 @@ from torch import nn
 
 from molora_ds.modules.experts import mixture_of_lora_experts
 from molora_ds.modules.router import Router, switch_balance_loss
+from molora_ds.modules.sparse import sparse_mixture_of_lora_experts, use_sparse
+
+EXPERT_COMPUTE = ("auto", "dense", "sparse")
 
 
 class MoLoRALinear(nn.Module):
@@ -19,6 +22,10 @@ class MoLoRALinear(nn.Module):
     After each forward, ``expert_load`` holds the share of routing slots each expert received
     in it, ``routed_slots`` the slot counts summed over the training forwards since
     ``pop_routed_slots()`` (a step's whole load, for logging), and, when ``load_balance_coef > 0``, ``aux_loss`` holds the weighted Switch balance loss.
+
+    ``expert_compute``: ``dense`` multiplies every token by all E experts (one rank-E*r matmul),
+    ``sparse`` only by its top_k (``molora_ds.modules.sparse``), ``auto`` picks by
+    ``sparse.use_sparse``. The values and gradients are the same either way.
     """
 
     def __init__(
@@ -31,12 +38,15 @@ class MoLoRALinear(nn.Module):
         dropout: float = 0.0,
         gate_rescale: bool = True,
         load_balance_coef: float = 0.0,
+        expert_compute: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"MoLoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        if expert_compute not in EXPERT_COMPUTE:
+            raise ValueError(f"expert_compute={expert_compute!r}; choose one of {EXPERT_COMPUTE}")
         self.base_layer = base_layer.requires_grad_(False)
         # Not weight.shape: a ZeRO-3 partitioned weight (a model loaded under zero.Init) is empty here.
         out_features, in_features = base_layer.out_features, base_layer.in_features
@@ -49,6 +59,8 @@ class MoLoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.gate_rescale = gate_rescale
         self.load_balance_coef = load_balance_coef
+        self.expert_compute = expert_compute
+        self.expert_group = None  # set by shard_experts: this rank keeps only its experts
         self.expert_load: torch.Tensor | None = None
         self.routed_slots: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
@@ -74,14 +86,16 @@ class MoLoRALinear(nn.Module):
         y = self.base_layer(x)
         tokens = x.reshape(-1, x.shape[-1])
         gates, probs = self.router(tokens)
-        delta = mixture_of_lora_experts(
-            self.dropout(tokens).to(self.lora_A.dtype),
-            self.lora_A,
-            self.lora_B,
-            gates,
-            self.scaling,
-            self.gate_rescale,
-        )
+        dropped = self.dropout(tokens).to(self.lora_A.dtype)
+        lora_a, lora_b = self.lora_A, self.lora_B
+        if self.expert_group is not None:
+            lora_a, lora_b = self.expert_group.gather(lora_a), self.expert_group.gather(lora_b)
+        if self.sparse:
+            delta = sparse_mixture_of_lora_experts(
+                dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
+            )
+        else:
+            delta = mixture_of_lora_experts(dropped, lora_a, lora_b, gates, self.scaling, self.gate_rescale)
         training = torch.is_grad_enabled()  # evaluation forwards are not training load
         with torch.no_grad():
             slots = (gates > 0).sum(0)
@@ -93,6 +107,22 @@ class MoLoRALinear(nn.Module):
         )
         return y + delta.reshape(y.shape).to(y.dtype)
 
+    def shard_experts(self, expert_group) -> None:
+        """Keep only this rank's experts (``expert_group.shard``); the forward gathers the others'.
+
+        ``expert_group`` is a ``molora_ds.distributed.expert_parallel.ExpertGroup``.
+        """
+        self.lora_A = nn.Parameter(expert_group.shard(self.lora_A.detach()).clone())
+        self.lora_B = nn.Parameter(expert_group.shard(self.lora_B.detach()).clone())
+        self.expert_group = expert_group
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the forward computes only the selected experts."""
+        if self.expert_compute == "auto":
+            return use_sparse(self.num_experts, self.top_k, self.lora_A.device)
+        return self.expert_compute == "sparse"
+
     def pop_routed_slots(self) -> torch.Tensor:
         """Slot counts per expert since the last call (zeros if none), and start counting anew."""
         slots = self.routed_slots
@@ -102,5 +132,6 @@ class MoLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "
-            f"top_k={self.top_k}, scaling={self.scaling:g}, gate_rescale={self.gate_rescale}"
+            f"top_k={self.top_k}, scaling={self.scaling:g}, gate_rescale={self.gate_rescale}, "
+            f"expert_compute={self.expert_compute}"
         )

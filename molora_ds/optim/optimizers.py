@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from molora_ds.distributed.expert_parallel import group_label, mark_param_groups
 from molora_ds.inject import molora_layers
 from molora_ds.optim.riemannian import precondition_
 
@@ -138,7 +139,7 @@ class _MoLoRAGroups:
                 continue
             params = [p for p in group["params"] if p.grad is not None]
             norm = self._global_norm([p.grad for p in params])
-            self.grad_norms[group["name"]] = norm.item()
+            self.grad_norms[group_label(group)] = norm.item()
             if group.get("max_grad_norm"):
                 torch.nn.utils.clip_grads_with_norm_(params, group["max_grad_norm"], norm)
 
@@ -203,7 +204,8 @@ class MoLoRAAdamW(_MoLoRAGroups, torch.optim.AdamW):
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Experts as A0, B0, A1, B1, ... in layer order, then all routers."""
+    """Experts as A0, B0, A1, B1, ... in layer order, then all routers. Under expert parallelism the
+    experts' group carries DeepSpeed's name for it (``expert_parallel.mark_param_groups``)."""
     layers = list(molora_layers(model).values())
     if not layers:
         raise ValueError("the model has no MoLoRALinear layers: call apply_molora(model, cfg) first")
@@ -214,21 +216,23 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             f"{len(wrong) - 1} more layers have gate_rescale={not cfg.gate_rescale}: set the same gate_rescale "
             "in both (the g-methods grsgd, gradamw set it to True, the others to False unless given)"
         )
-    return [
-        {
-            "name": "experts",
-            "params": [p for m in layers for p in (m.lora_A, m.lora_B)],
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
-        },
-        {
-            "name": "router",
-            "params": [m.router.weight for m in layers],
-            "lr": cfg.gate_lr,
-            "weight_decay": 0.0,
-            "max_grad_norm": cfg.gate_max_grad_norm,
-        },
-    ]
+    return mark_param_groups(
+        [
+            {
+                "name": "experts",
+                "params": [p for m in layers for p in (m.lora_A, m.lora_B)],
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+            },
+            {
+                "name": "router",
+                "params": [m.router.weight for m in layers],
+                "lr": cfg.gate_lr,
+                "weight_decay": 0.0,
+                "max_grad_norm": cfg.gate_max_grad_norm,
+            },
+        ]
+    )
 
 
 def build_optimizer(

@@ -31,8 +31,9 @@ from molora_ds import checkpoint
 from tests.distributed.launching import ROOT, RUN_TIMEOUT, check_ok, free_port, losses, resumed_step, run
 
 STEPS = 40  # ~0.2 s each: long enough that SIGUSR1, sent after step 1, lands mid-run
-ARGS = ["--config", "ds_configs/zero2.json", "--recipe", "recipes/tiny.yaml", "--set", f"train.max_steps={STEPS}",
-        "--set", "eval.before=false", "--set", "eval.after=false"]  # fmt: skip
+RECIPE, CONFIG = "recipes/tiny.yaml", "ds_configs/zero2.json"
+SETTINGS = ["--set", f"train.max_steps={STEPS}", "--set", "eval.before=false", "--set", "eval.after=false"]
+ARGS = ["--config", CONFIG, "--recipe", RECIPE, *SETTINGS]
 SUMMARY = "2 processes x micro-batch 2 x accumulation 2 = global batch 8; ZeRO-2"
 
 
@@ -178,11 +179,18 @@ class Slurm:
         cmd = ["squeue", "-h", "-o", "%i"]  # no output (and an error) if slurmctld is down
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60).stdout.split()
 
-    def submit(self, out: Path) -> tuple[int, Path]:
-        """``sbatch`` the product script on both nodes, one task each: the job id and its log."""
-        cmd = ["sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "1", f"--output={out.parent}/slurm-%j.out",
-               "launch/slurm.sbatch", *ARGS, "--output-dir", str(out)]  # fmt: skip
-        job_id = int(self(*cmd, env=self.env | {"MASTER_PORT": str(free_port())}))
+    def submit(
+        self,
+        out: Path,
+        script: str = "launch/slurm.sbatch",
+        args: tuple[str, ...] = (*ARGS,),
+        options: tuple[str, ...] = ("--ntasks-per-node", "1"),
+        env: dict[str, str] | None = None,
+    ) -> tuple[int, Path]:
+        """``sbatch`` a product script on both nodes: the job id and its log."""
+        cmd = ["sbatch", "--parsable", "-N", "2", *options, f"--output={out.parent}/slurm-%j.out", script, *args,
+               "--output-dir", str(out)]  # fmt: skip
+        job_id = int(self(*cmd, env=self.env | {"MASTER_PORT": str(free_port())} | (env or {})))
         return job_id, out.parent / f"slurm-{job_id}.out"
 
     def wait_job(
@@ -234,13 +242,11 @@ def test_sbatch_on_two_nodes_trains_like_torchrun(slurm, reference, tmp_path):
     assert losses(out) == reference
 
 
-@pytest.mark.distributed
-def test_sbatch_preempted_job_requeues_itself_and_resumes_exactly(slurm, reference, tmp_path):
-    """SIGUSR1 to the job's tasks, as ``--signal=USR1@60`` sends it before the time limit: the trainer
-    checkpoints and exits 0, the script requeues the job (``set -e``: only after srun returned 0),
-    and the next segment resumes from that checkpoint to the same losses as an uninterrupted run."""
-    out = tmp_path / "run"
-    job, log = slurm.submit(out)
+def preempt_and_resume(slurm: Slurm, job: int, log: Path, out: Path, reference: dict[int, float]) -> None:
+    """SIGUSR1 to the job's tasks, as ``--signal=USR1@...`` sends it before the time limit: the trainer
+    checkpoints and exits, the script requeues the job (the run's status decides, not the launcher's
+    exit code), and the next segment resumes from that checkpoint to the same losses as an
+    uninterrupted run."""
     logged_a_step = lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0
     fields = slurm.wait_job(job, log, lambda _: logged_a_step(), "the first step")
     assert fields["JobState"] == "RUNNING", tail(log)
@@ -268,3 +274,25 @@ def test_sbatch_preempted_job_requeues_itself_and_resumes_exactly(slurm, referen
     assert resumed_step(log.read_text()) == stopped
     assert finished(out)
     assert losses(out) == reference
+
+
+@pytest.mark.distributed
+def test_sbatch_preempted_job_requeues_itself_and_resumes_exactly(slurm, reference, tmp_path):
+    out = tmp_path / "run"
+    job, log = slurm.submit(out)
+    preempt_and_resume(slurm, job, log, out, reference)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_per_model_sbatch_preempted_requeues_and_resumes_exactly(slurm, reference, tmp_path):
+    """``launch/slurm/glm4_9b.sbatch`` as a user submits it, one torchrun per node with c10d rendezvous
+    on the first node, with the recipe and config overridden from the environment (the tiny recipe,
+    ZeRO-2), one rank per node and no GPUs (the emulated nodes have none). Its torchrun forwards
+    SIGUSR1 to the ranks and then exits non-zero, so this checks that the requeue does not depend on
+    the launcher's exit code."""
+    out = tmp_path / "run"
+    env = {"RECIPE": RECIPE, "CONFIG": CONFIG, "GPUS_PER_NODE": "1"}
+    job, log = slurm.submit(out, "launch/slurm/glm4_9b.sbatch", (*SETTINGS,), ("--gpus-per-node=0",), env)
+    preempt_and_resume(slurm, job, log, out, reference)
+    assert SUMMARY in log.read_text()

@@ -1,4 +1,5 @@
-"""What a first cluster job exercises: the tiny recipe over NCCL with bf16 and optimizer offload.
+"""What a first cluster job exercises: the tiny recipe in bf16 under ZeRO-2/3 on one GPU, and over NCCL
+with optimizer offload.
 
 Each rank must sit on cuda:LOCAL_RANK (not all on cuda:0), the router-group norm of the
 offloaded (CPU) gradients must all-reduce over NCCL, and a 2-rank run must equal the same
@@ -32,8 +33,18 @@ def _train(tmp_path, nproc: int, config: str, micro: int) -> list[dict]:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a GPU")
-def test_zero2_offload_bf16_on_one_gpu(tmp_path):
-    rows = _train(tmp_path, 1, "ds_configs/zero2_offload.json", 2)
+@pytest.mark.parametrize(
+    "config",
+    [
+        "ds_configs/zero2.json",
+        "ds_configs/zero3.json",
+        "ds_configs/zero2_offload.json",
+        "ds_configs/zero3_offload.json",
+    ],
+)
+def test_tiny_recipe_bf16_on_one_gpu(tmp_path, config):
+    """The tiny recipe trains in bf16 under ZeRO-2 and ZeRO-3, with and without optimizer offload."""
+    rows = _train(tmp_path, 1, config, 2)
     assert all(r["skipped"] == 0 and r["grad_norm/router"] > 0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
 

@@ -1,0 +1,165 @@
+"""Expert parallelism on DeepSpeed's expert-parallel groups: the one place that knows DeepSpeed's MoE conventions.
+
+With ``expert_parallel_size = ep``, each layer's E experts are split into ep shards of E/ep along the
+expert dimension; rank ``i`` of an expert-parallel (EP) group stores shard ``i`` and keeps its optimizer
+state. The forward all-gathers the layer's shards inside the EP group (weight gather: ~E*r*(in+out)
+elements per layer, against ~T*k*(in+out) for dispatching tokens, so the weights are the cheaper thing
+to move for LoRA experts at any batch worth training on); the backward reduce-scatters their gradients,
+summed. DeepSpeed then reduces each shard's gradient over its expert-data-parallel (EDP) group and
+divides by the whole data-parallel size (as for its own experts), which gives the gradient of the global
+mean loss. The router stays replicated and is reduced over all ranks as before.
+
+DeepSpeed's conventions, all kept here:
+- groups: ``deepspeed.utils.groups._create_expert_and_data_parallel(ep)``, named ``ep_size_<ep>``
+  (EP groups of consecutive ranks, EDP groups strided);
+- parameter tags: ``param.allreduce = False`` and ``param.group_name = <group name>``;
+- the optimizer's expert param group is named after the group and marked ``"moe": True``;
+- the engine turns its MoE handling on only when the model holds a ``deepspeed.moe.layer.MoE``:
+  ``shard_experts`` adds an empty one (``_engine_moe_flag``) that holds no parameter and no expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# deepspeed is imported inside the functions that need it: the optimizer imports this module for the
+# parameter tags alone, and importing deepspeed costs seconds.
+
+STAGES = (0, 1, 2)  # ZeRO stages with expert parallelism (DeepSpeed refuses its MoE under ZeRO-3)
+
+
+def group_name(size: int) -> str:
+    return f"ep_size_{size}"
+
+
+def check_setup(size: int, world: int, stage: int) -> None:
+    """One line per misuse, before the model loads (the expert count is checked by ``MoLoRAConfig``)."""
+    if size == 1:
+        return
+    if world == 1:
+        raise ValueError(
+            f"molora.expert_parallel_size={size} needs {size} or more processes, this launch has 1: "
+            "launch more processes or set molora.expert_parallel_size=1"
+        )
+    if world % size:
+        raise ValueError(
+            f"molora.expert_parallel_size={size} does not divide the {world} processes: choose a divisor of {world}"
+        )
+    if stage not in STAGES:
+        raise ValueError(
+            f"molora.expert_parallel_size={size} works under ZeRO stages {STAGES}, not {stage} (DeepSpeed "
+            "partitions no MoE parameters under ZeRO-3): use ds_configs/zero2.json or set expert_parallel_size=1"
+        )
+
+
+class ExpertGroup:
+    """This rank's place in the EP group of ``size`` ranks (created on first use, as DeepSpeed's MoE does)."""
+
+    def __init__(self, size: int) -> None:
+        from deepspeed.utils import groups
+
+        self.size, self.name = size, group_name(size)
+        if self.name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(size)
+        self.group = groups._get_expert_parallel_group(self.name)
+        self.rank = groups._get_expert_parallel_rank(self.name)
+        # one rank per shard writes it to checkpoints: the first of its expert-data-parallel group
+        self.writes_shard = groups._get_expert_data_parallel_rank(self.name) == 0
+        # gloo has no reduce-scatter: all-reduce and keep this rank's slice (CPU runs, small adapters)
+        self.reduce_scatter = dist.get_backend(self.group) == "nccl"
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of ``full`` along dim 0 (the experts)."""
+        return full.chunk(self.size)[self.rank]
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """The layer's experts from every rank's shard, differentiable (the backward reduce-scatters)."""
+        return _GatherExperts.apply(shard, self)
+
+
+class _GatherExperts(torch.autograd.Function):
+    """Forward: the EP group's shards concatenated along dim 0. Backward: each rank's shard of the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, shard: torch.Tensor, ep: ExpertGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.ep = ep
+        return gather_full(shard, ep)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ep = ctx.ep
+        grad = grad.contiguous()
+        if ep.reduce_scatter:
+            out = grad.new_empty(grad.shape[0] // ep.size, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad, group=ep.group)
+            return out, None
+        dist.all_reduce(grad, group=ep.group)
+        return ep.shard(grad).clone(), None
+
+
+def _engine_moe_flag(ep: ExpertGroup) -> nn.Module:
+    """Not a layer: a ``deepspeed.moe.layer.MoE`` with no experts, whose presence makes the engine hand
+    ZeRO the expert groups, reduce tagged parameters over their EDP group, and save per-rank optimizer
+    state. Its ``__init__`` skips ``MoE.__init__``, which would build experts."""
+    from deepspeed.moe.layer import MoE
+
+    class EngineMoEFlag(MoE):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)
+            self.expert_group_name, self.ep_size = ep.name, ep.size
+            self.num_experts = self.num_local_experts = (
+                0  # DeepSpeed's own expert files: none to save or load
+            )
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups exist already (ExpertGroup)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("a marker for DeepSpeed's engine, not a layer")
+
+    return EngineMoEFlag()
+
+
+def shard_experts(model: nn.Module, layers: dict[str, nn.Module], size: int) -> ExpertGroup:
+    """Keep only this rank's experts in every MoLoRA layer (in place), tag them for DeepSpeed, and flag the model.
+
+    Call after ``apply_molora`` on the same seed on every rank (so the shards are slices of one adapter)
+    and before ``deepspeed.initialize``.
+    """
+    ep = ExpertGroup(size)
+    for layer in layers.values():
+        layer.shard_experts(ep)
+        for p in (layer.lora_A, layer.lora_B):
+            p.allreduce = False
+            p.group_name = ep.name
+    model.add_module("expert_parallel_flag", _engine_moe_flag(ep))
+    return ep
+
+
+def is_expert_shard(p: torch.Tensor) -> bool:
+    return getattr(p, "allreduce", True) is False
+
+
+def mark_param_groups(param_groups: list[dict]) -> list[dict]:
+    """Rename a group of expert shards after its EP group and mark it ``moe``, as ZeRO 1/2 require of a client optimizer."""
+    for g in param_groups:
+        tagged = [is_expert_shard(p) for p in g["params"]]
+        if any(tagged):
+            if not all(tagged):
+                raise ValueError(f"param group {g['name']!r} mixes expert shards and replicated parameters")
+            g.update(name=g["params"][0].group_name, moe=True)
+    return param_groups
+
+
+def group_label(group: dict) -> str:
+    """A param group's name for logs and metrics: ``experts`` whether or not DeepSpeed renamed it."""
+    return "experts" if group.get("moe") else group["name"]
+
+
+def gather_full(shard: torch.Tensor, ep: ExpertGroup) -> torch.Tensor:
+    """All ranks' shards of an expert tensor, concatenated (collective over the EP group; no autograd)."""
+    parts = [torch.empty_like(shard) for _ in range(ep.size)]
+    dist.all_gather(parts, shard.contiguous(), group=ep.group)
+    return torch.cat(parts)

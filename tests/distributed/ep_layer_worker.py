@@ -1,0 +1,65 @@
+"""One MoLoRA layer with its experts sharded over 2 gloo processes, for tests/distributed/test_expert_parallel.py.
+
+    torchrun --nproc_per_node 2 tests/distributed/ep_layer_worker.py OUT.pt
+
+The router is set so that no token selects experts 2 and 3, which rank 1 owns: that rank computes
+nothing for its own experts, yet takes part in every collective. Rank 0 writes, for the dense and
+the sparse path, the output and the gradients of x, the router and the full A and B (its shard's
+and rank 1's, gathered), and the same from an unsharded copy of the layer computed on rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from molora_ds import MoLoRALinear
+from molora_ds.distributed.expert_parallel import ExpertGroup, gather_full
+
+IN, OUT, EXPERTS, RANK, TOP_K, TOKENS = 16, 12, 4, 2, 2, 24
+
+
+def run(layer: MoLoRALinear, x: torch.Tensor, dy: torch.Tensor, ep: ExpertGroup | None) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    grads = [layer.lora_A.grad, layer.lora_B.grad]
+    if ep is not None:
+        grads = [gather_full(g, ep) for g in grads]
+    return [y.detach(), x.grad, *grads, layer.router.weight.grad]
+
+
+def main(out: str) -> int:
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    x, dy = torch.randn(TOKENS, IN, dtype=torch.float64).abs(), torch.randn(TOKENS, OUT, dtype=torch.float64)
+    results = {}
+    for compute in ("dense", "sparse"):
+        torch.manual_seed(1)
+        layer = MoLoRALinear(
+            nn.Linear(IN, OUT, dtype=torch.float64), EXPERTS, RANK, TOP_K, alpha=4.0, expert_compute=compute
+        )
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.5)
+            layer.router.weight.normal_(0, 1.0)
+            layer.router.weight[2:] = -100 * layer.router.weight[:2].abs().sum(0)  # x >= 0: experts 2, 3 lose
+        full = copy.deepcopy(layer)
+        ep = ExpertGroup(2)
+        layer.shard_experts(ep)
+        results[compute] = run(layer, x, dy, ep)
+        results[compute + "_reference"] = run(full, x, dy, None)
+        results[compute + "_load"] = layer.expert_load
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

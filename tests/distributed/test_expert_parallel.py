@@ -1,0 +1,179 @@
+"""Expert parallelism on 2 gloo processes against the same runs without it.
+
+- The real ``Trainer`` (tests/distributed/parity_worker.py, one torchrun launch): EP=2 against EP=1 on
+  the same global batch, rsgd and gradamw, ZeRO-1 and ZeRO-2, 4 steps: losses per step and every adapter
+  tensor of the exported adapter (gathered by the EP run into one file of the unsharded shapes).
+- One layer (tests/distributed/ep_layer_worker.py) whose rank-1 experts receive no token: it finishes,
+  and its output and gradients equal the unsharded layer's.
+- Resume with EP: a run resumed from its step-3 checkpoint gives the same step-4 loss and adapter as
+  the uninterrupted run.
+- Bad input: one line each, before the model loads.
+
+Tolerances: the two sides compute the same matmuls on the same values (the gathered experts are the
+unsharded ones bit for bit); only the order of the gradient sums differs (all-reduce over the EP group,
+then DeepSpeed's reduction, against DeepSpeed's reduction alone), so the float32 budget of
+test_zero_parity.py applies (loss rtol 1e-6, adapter rtol 2e-5 / atol 2e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch.train import main as train_main
+from molora_ds.inject import ADAPTER_WEIGHTS
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("parity_worker.py")
+LAYER_WORKER = Path(__file__).with_name("ep_layer_worker.py")
+TINY = ROOT / "recipes" / "tiny.yaml"
+STEPS = 4
+LRS = {"rsgd": (1e-2, 1.0), "gradamw": (1e-3, 1e-2)}  # as test_zero_parity.py: the router moves
+RUNS = [(stage, method, ep) for stage in (1, 2) for method in LRS for ep in (1, 2)]
+LOSS_RTOL = 1e-6
+ADAPTER_TOL = {"rtol": 2e-5, "atol": 2e-6}
+
+
+def _name(stage: int, method: str, ep: int) -> str:
+    return f"zero{stage}-{method}-ep{ep}"
+
+
+def _torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("expert_parallel")
+    spec = []
+    for stage, method, ep in RUNS:
+        lr, gate_lr = LRS[method]
+        spec.append(
+            {
+                "name": _name(stage, method, ep),
+                "ds_config": f"zero{stage}.json",
+                "recipe_overrides": [
+                    f"optim.method={method}",
+                    f"optim.lr={lr!r}",
+                    f"optim.gate_lr={gate_lr!r}",
+                    f"molora.expert_parallel_size={ep}",
+                    f"train.max_steps={STEPS}",
+                    "train.save_every=1000000",
+                    "eval.before=false",
+                    "eval.after=false",
+                ],
+            }
+        )
+    (root / "spec.json").write_text(json.dumps(spec))
+    _torchrun([str(WORKER), str(root / "spec.json"), str(root / "runs")], timeout=560)
+    return root / "runs"
+
+
+def _losses(out: Path) -> list[float]:
+    errors = list(out.glob("error.rank*.txt"))
+    assert not errors, errors[0].read_text()[-3000:]
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage,method", [(s, m) for s in (1, 2) for m in LRS])
+def test_ep2_equals_ep1(runs, stage, method):
+    one, two = runs / _name(stage, method, 1), runs / _name(stage, method, 2)
+    losses = _losses(two)
+    assert len(losses) == STEPS
+    torch.testing.assert_close(losses, _losses(one), rtol=LOSS_RTOL, atol=0)
+    want, got = load_file(one / "adapter" / ADAPTER_WEIGHTS), load_file(two / "adapter" / ADAPTER_WEIGHTS)
+    assert got.keys() == want.keys()
+    moved = 0.0
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **ADAPTER_TOL, msg=lambda m, key=key: f"{key}: {m}")
+        if key.endswith("lora_B"):
+            moved = max(moved, want[key].abs().max().item())
+    assert moved > 1e-3, "B never left zero: the comparison would not bite"
+    config = json.loads((two / "adapter" / "adapter_config.json").read_text())
+    assert config["expert_parallel_size"] == 1  # the exported adapter loads without EP
+
+
+def test_rank_without_tokens(tmp_path):
+    """Rank 1's experts get no token; the layer neither hangs nor differs from the unsharded one. Both ranks
+    see the same tokens, so an expert's gradient (summed over the EP group) is twice one rank's."""
+    out = tmp_path / "layer.pt"
+    _torchrun([str(LAYER_WORKER), str(out)], timeout=300)
+    results = torch.load(out, weights_only=True)
+    for compute in ("dense", "sparse"):
+        assert results[compute + "_load"][2:].sum() == 0
+        got, want = results[compute], results[compute + "_reference"]
+        for what, g, w, factor in zip(("y", "dx", "dA", "dB", "d router"), got, want, (1, 1, 2, 2, 1)):
+            assert w.abs().max() > 0, what
+            torch.testing.assert_close(
+                g, factor * w, rtol=1e-12, atol=1e-12, msg=lambda m, w=what: f"{w}: {m}"
+            )
+
+
+def test_resume_with_expert_parallelism(tmp_path):
+    base = ["launch/train.py", "--config", "ds_configs/zero2.json", "--recipe", str(TINY)]
+    flags = [
+        "--set",
+        "molora.expert_parallel_size=2",
+        "--max-steps",
+        str(STEPS),
+        "--set",
+        "eval.before=false",
+    ]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _torchrun([*base, *flags, "--output-dir", str(whole), "--set", "eval.after=false"], timeout=400)
+    # The resumed run starts from a copy of the step-3 checkpoint only, as after a kill before step 4's save.
+    ckpt = resumed / "checkpoints"
+    ckpt.mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(whole / "checkpoints" / "step00000003"), str(ckpt)], check=True)
+    proc = _torchrun(
+        [*base, *flags, "--output-dir", str(resumed), "--set", "eval.after=false", "--resume", "auto"], 400
+    )
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert _losses(resumed)[-1] == _losses(whole)[-1]
+    a, b = (load_file(d / "adapter" / ADAPTER_WEIGHTS) for d in (whole, resumed))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "molora.expert_parallel_size=2"], "needs 2 or more processes, this launch has 1"),
+        (["--set", "molora.expert_parallel_size=3"], "does not divide the expert count 4"),
+        (
+            [
+                "--set",
+                "molora.expert_parallel_size=4",
+                "--set",
+                "train.global_batch=12",
+                "--dry-run",
+                "--world-size",
+                "6",
+            ],
+            "does not divide the 6 processes",
+        ),
+    ],
+)
+def test_bad_input_one_line(args, message, capsys):
+    assert train_main(["--config", "ds_configs/zero2.json", "--recipe", str(TINY), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_zero3_refused(capsys):
+    args = ["--config", "ds_configs/zero3.json", "--recipe", str(TINY), "--dry-run", "--world-size", "2"]
+    assert train_main([*args, "--set", "molora.expert_parallel_size=2"]) == 2
+    assert "works under ZeRO stages (0, 1, 2), not 3" in capsys.readouterr().err

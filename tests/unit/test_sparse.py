@@ -1,0 +1,156 @@
+"""The sparse expert path against the dense one (itself checked against a per-expert loop in
+test_layer.py): forward values and the gradients of x, A, B and the router, both gate modes,
+top_k = 1 and top_k = E, an expert that no token chooses, bf16 within a derived bound, and the
+Riemannian gradient hooks on top."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from molora_ds import MoLoRAConfig, MoLoRALinear
+from molora_ds.modules.sparse import plan_blocks, use_sparse
+from molora_ds.optim import GradientPreconditioner
+
+IN, OUT = 24, 20
+# (E, r, k, tokens): k=1, k=E, more experts than tokens (most get none), blocks of several rows
+SHAPES = [(6, 2, 1, 9), (5, 3, 5, 7), (64, 4, 8, 10), (8, 2, 3, 200)]
+
+
+def make_pair(num_experts, rank, top_k, rescale, dtype=torch.float64, seed=0):
+    """The same layer twice, dense and sparse; B and router non-trivial so every gradient is non-zero."""
+    layers = []
+    for compute in ("dense", "sparse"):
+        torch.manual_seed(seed)
+        base = nn.Linear(IN, OUT, dtype=dtype)
+        layer = MoLoRALinear(
+            base, num_experts, rank, top_k, alpha=8.0, gate_rescale=rescale, expert_compute=compute
+        )
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.5)
+            layer.router.weight.normal_(0, 1.0)
+        layers.append(layer)
+    return layers
+
+
+def run(layer, x, dy):
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    grads = [x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad]
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_equals_dense_fp64(shape, rescale):
+    num_experts, rank, top_k, tokens = shape
+    dense, sparse = make_pair(num_experts, rank, top_k, rescale)
+    assert sparse.sparse and not dense.sparse
+    torch.manual_seed(1)
+    x, dy = torch.randn(tokens, IN, dtype=torch.float64), torch.randn(tokens, OUT, dtype=torch.float64)
+    y_d, g_d = run(dense, x, dy)
+    y_s, g_s = run(sparse, x, dy)
+    # fp64: only the summation order differs
+    torch.testing.assert_close(y_s, y_d, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("x", "A", "B", "router"), g_s, g_d):
+        assert b.abs().max() > 0, f"{name}: the reference gradient is zero, the test would not bite"
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12, msg=f"gradient of {name}")
+
+
+def test_gate_rescale_changes_the_gradient():
+    """The two modes differ in A's gradient (so the rescale comparison above can fail)."""
+    grads = [run(make_pair(8, 2, 3, rescale)[1], *_inputs(30))[1][1] for rescale in (False, True)]
+    assert (grads[0] - grads[1]).abs().max() > 1e-3
+
+
+def _inputs(tokens, dtype=torch.float64):
+    torch.manual_seed(2)
+    return torch.randn(tokens, IN, dtype=dtype), torch.randn(tokens, OUT, dtype=dtype)
+
+
+def test_expert_without_tokens():
+    """An expert no token selects gets exactly zero gradients, in both paths, and nothing hangs on it."""
+    dense, sparse = make_pair(8, 2, 2, rescale=True)
+    with torch.no_grad():
+        for layer in (dense, sparse):
+            layer.router.weight[0] = -100 * layer.router.weight[1:].abs().sum(
+                0
+            )  # expert 0: never in the top 2
+    x, dy = _inputs(40)
+    x = x.abs()  # so that expert 0's logit is very negative for every token
+    (_, g_d), (_, g_s) = run(dense, x, dy), run(sparse, x, dy)
+    assert sparse.expert_load[0] == 0
+    for a, b in zip(g_s[1:3], g_d[1:3]):
+        assert (a[0] == 0).all() and (b[0] == 0).all()
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    assert plan_blocks(torch.tensor([[1, 2], [2, 3]]), 5).blocks.tolist() == [0, 1, 2, 1, 0]
+
+
+@pytest.mark.parametrize("compute", ["dense", "sparse"])
+def test_bf16_within_rounding_bound(compute):
+    """bf16 x, A, B (the layer's own values): against fp64 on the same values, the error of
+    ``y = s * sum_j g_j B_j (A_j x)`` comes from four roundings to bf16 (the gate, h = A x, each
+    expert's output ``z_j`` in the sparse path or ``h*g`` in the dense one, and y), each at most
+    u = 2^-8 relative, fp32 accumulation adding ~1e-6: |err| <= 4u * sum_j s g_j |B_j| |A_j| |x|
+    per element, to first order. A wrong expert or gate would miss it by ~1/u."""
+    num_experts, rank, top_k, tokens = 16, 4, 3, 64
+    layer = make_pair(num_experts, rank, top_k, rescale=True, dtype=torch.float64)[
+        0 if compute == "dense" else 1
+    ]
+    x64, _ = _inputs(tokens)
+    x16 = x64.bfloat16()
+    a16, b16 = layer.lora_A.detach().bfloat16(), layer.lora_B.detach().bfloat16()
+    with torch.no_grad():
+        gates, _ = layer.router(x16.double())
+        ref = torch.zeros(tokens, OUT, dtype=torch.float64)
+        bound = torch.zeros_like(ref)
+        for i in range(num_experts):
+            a, b, g = a16[i].double(), b16[i].double(), gates[:, i : i + 1]
+            ref += layer.scaling * g * (x16.double() @ a.T @ b.T)
+            bound += layer.scaling * g * (x16.double().abs() @ a.abs().T @ b.abs().T)
+        bf16 = MoLoRALinear(
+            nn.Linear(IN, OUT, dtype=torch.bfloat16),
+            num_experts,
+            rank,
+            top_k,
+            alpha=8.0,
+            expert_compute=compute,
+        )
+        bf16.lora_A.copy_(a16), bf16.lora_B.copy_(b16), bf16.router.weight.copy_(layer.router.weight)
+        bf16.base_layer.weight.zero_(), bf16.base_layer.bias.zero_()
+        got = bf16(x16).double()
+    u = 2.0**-8
+    err = (got - ref).abs()
+    assert (err <= 4 * u * bound + 1e-6).all(), f"max err / bound {(err / (4 * u * bound + 1e-6)).max():.2f}"
+    assert err.max() > 0  # bf16 did round: the bound is the thing tested
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_sparse_under_riemannian_hooks(rescale):
+    """The preconditioner's gradient hooks see the same gradients from either path."""
+    dense, sparse = make_pair(8, 2, 3, rescale)
+    grads = []
+    for layer in (dense, sparse):
+        model = nn.Sequential(layer)
+        pre = GradientPreconditioner(model, reg=1e-3)
+        _, g = run(model[0], *_inputs(50))
+        grads.append(g)
+        pre.remove()
+    raw = run(make_pair(8, 2, 3, rescale)[1], *_inputs(50))[1]
+    assert (raw[1] - grads[1][1]).abs().max() > 1e-3  # the hooks did precondition
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_rule_and_config():
+    cpu = torch.device("cpu")
+    assert not use_sparse(20, 10, cpu)  # the paper's setting stays dense
+    assert use_sparse(1024, 2, cpu) and not use_sparse(256, 8, cpu)  # bench/README.md: measured crossover
+    layer = MoLoRALinear(nn.Linear(4, 4), 256, 1, 2, alpha=1.0)
+    assert layer.sparse and not MoLoRALinear(nn.Linear(4, 4), 4, 1, 2, alpha=1.0).sparse
+    with pytest.raises(ValueError, match="expert_compute"):
+        MoLoRAConfig(expert_compute="fast")
+    with pytest.raises(ValueError, match="does not divide the expert count 6"):
+        MoLoRAConfig(num_experts=6, top_k=2, expert_parallel_size=4)
