@@ -4,9 +4,13 @@ deepspeed launch/train.py --config ds_configs/zero2.json            # the embedd
 torchrun --nproc_per_node 2 launch/train.py --config ds_configs/zero3.json --recipe recipes/tiny.yaml
 python launch/train.py --config ds_configs/zero0.json --set train.max_steps=10
 python launch/train.py --config ds_configs/zero3.json --recipe recipes/glm4_9b_qa.yaml --dry-run --world-size 16
+torchrun --nproc_per_node 2 launch/train.py --config ds_configs/zero2.json --recipe recipes/tiny.yaml \
+    --eval-only --adapter runs/default/adapter
 
 --dry-run loads no weights and starts no process group: it prints the per-GPU memory plan
 (molora_ds/plan.py) for --world-size ranks and a --gpu-memory card, and exits.
+--eval-only --adapter PATH trains nothing: it loads the base model and a saved adapter on every process and
+writes the accuracy on the recipe's eval data to OUTPUT_DIR/eval_results.json (molora_ds/evaluate.py).
 """
 
 from __future__ import annotations
@@ -54,12 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. --set molora.top_k=4 (repeatable)",
     )
+    p.add_argument(
+        "--eval-only", action="store_true", help="evaluate --adapter on the eval data; no training"
+    )
+    p.add_argument("--adapter", type=Path, help="a saved adapter folder (a run's adapter/), for --eval-only")
     plan = p.add_argument_group("planning (--dry-run)")
     plan.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
     plan.add_argument("--world-size", type=int, help="ranks to plan for (default: this launch's)")
     plan.add_argument("--gpu-memory", default="80GB", help="GPU size to check against (default: %(default)s)")
     plan.add_argument(
-        "--seq-len", type=int, help="tokens per sequence (default: data.max_len, + image tokens)"
+        "--seq-len", type=int, help="tokens per sequence (default: data.max_len, image tokens included)"
     )
     plan.add_argument("--checkpointing", action="store_true", help="plan with gradient checkpointing")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
@@ -86,21 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(args, recipe, ds_config, world, micro)
         check_fp16(ds_config)
-        if args.resume and args.overwrite:
+        if args.eval_only != (args.adapter is not None):
             raise ValueError(
-                "--resume continues the run in --output-dir, --overwrite moves it aside: pass one"
+                "--eval-only and --adapter PATH go together: evaluate a saved adapter, no training"
             )
-        out = Path(args.output_dir)
-        if rank() == 0:
-            check_claim(out, resume=args.resume is not None, overwrite=args.overwrite)
-        resume_from, notes = checkpoint.resolve_resume(args.resume, out / "checkpoints")
-        if resume_from is not None:
-            check_resume_target(resume_from, out)
-            checkpoint.check_stage(resume_from, zero_stage(ds_config))
-            checkpoint.check_expert_parallel(resume_from, recipe.molora.expert_parallel_size, world)
-            notes += resume_notes(resume_from, recipe)
-        elif args.resume:
-            notes.append(f"--resume {args.resume}: no checkpoint in {out} yet, starting at step 0")
+        out, resume_from, notes = Path(args.output_dir), None, []
+        if args.eval_only:  # adds eval_results.json to --output-dir: no run of its own, no ownership
+            from molora_ds.evaluate import check_adapter
+
+            check_adapter(args.adapter)
+        else:
+            resume_from, notes = check_run_folder(args, out, recipe, ds_config, world)
         # Then the data (read and converted in full, so a bad row fails now) and the model's config.
         from molora_ds.data.formats import check_data
 
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         check_model(recipe.model)
         # Last, once every input is known good: only now may the run folder be created.
         lock = None
-        if rank() == 0:  # the other ranks write only where rank 0 tells them (checkpoints)
+        if rank() == 0 and not args.eval_only:  # the other ranks write only where rank 0 tells them
             lock, moved = claim(out, resume=args.resume is not None, overwrite=args.overwrite)
             notes += [f"--overwrite: the run that was in {out} is now in {moved}"] if moved else []
     except (OSError, ValueError) as e:  # OSError: a run folder that cannot be created or moved
@@ -120,11 +124,36 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             log.info(note)
 
+    if args.eval_only:
+        from molora_ds.evaluate import evaluate_adapter
+
+        evaluate_adapter(recipe, args.adapter, out)
+        return 0
     try:
         return train(recipe, ds_config, out, resume_from)
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_run_folder(
+    args: argparse.Namespace, out: Path, recipe: Recipe, ds_config: dict, world: int
+) -> tuple[Path | None, list[str]]:
+    """The refusals about --output-dir and --resume (none creates anything); returns the checkpoint to
+    resume from and the lines to log about it."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --output-dir, --overwrite moves it aside: pass one")
+    if rank() == 0:
+        check_claim(out, resume=args.resume is not None, overwrite=args.overwrite)
+    resume_from, notes = checkpoint.resolve_resume(args.resume, out / "checkpoints")
+    if resume_from is not None:
+        check_resume_target(resume_from, out)
+        checkpoint.check_stage(resume_from, zero_stage(ds_config))
+        checkpoint.check_expert_parallel(resume_from, recipe.molora.expert_parallel_size, world)
+        notes += resume_notes(resume_from, recipe)
+    elif args.resume:
+        notes.append(f"--resume {args.resume}: no checkpoint in {out} yet, starting at step 0")
+    return resume_from, notes
 
 
 def train(recipe: Recipe, ds_config: dict, out: Path, resume_from: Path | None) -> int:
@@ -157,7 +186,7 @@ def dry_run(args: argparse.Namespace, recipe, ds_config: dict, world: int, micro
 
     gpu_memory = plan.parse_size(args.gpu_memory)
     config = plan.model_config(recipe.model)
-    seq_len = args.seq_len or recipe.data.max_len + getattr(config, "image_seq_length", 0)
+    seq_len = args.seq_len or recipe.data.max_len  # image tokens included
     bf16 = ds_config.get("bf16", {}).get("enabled", False) in (True, "auto")
     model = plan.meta_model(config)
     result = plan.memory_plan(
