@@ -22,10 +22,13 @@ import sys
 from pathlib import Path
 
 from molora_ds import checkpoint
-from molora_ds.distributed.env import world_size
+from molora_ds.distributed.env import rank, world_size
 from molora_ds.distributed.expert_parallel import check_setup
-from molora_ds.ds_config import load_ds_config, plan_batches, zero_stage
-from molora_ds.recipe import load_recipe
+from molora_ds.ds_config import check_fp16, load_ds_config, plan_batches, zero_stage
+from molora_ds.recipe import Recipe, load_recipe
+from molora_ds.run_dir import check_claim, check_resume_target, claim
+
+log = logging.getLogger("molora_ds")
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
 
@@ -39,7 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="runs/default", help="run folder (metrics, checkpoints, adapter)")
     p.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
     p.add_argument("--seed", type=int, help="shorthand for --set train.seed=N")
-    p.add_argument("--resume", nargs="?", const="auto", help="'auto' (newest complete checkpoint) or a path")
+    p.add_argument(
+        "--resume", nargs="?", const="auto", help="'auto' (newest valid checkpoint, if any) or a path"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --output-dir that holds a run: the old run is moved aside, not deleted",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -83,18 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         check_setup(recipe.molora.expert_parallel_size, world, zero_stage(ds_config))
         if args.dry_run:
             return dry_run(args, recipe, ds_config, world, micro)
+        check_fp16(ds_config)
         if args.eval_only != (args.adapter is not None):
             raise ValueError(
                 "--eval-only and --adapter PATH go together: evaluate a saved adapter, no training"
             )
-        if args.eval_only:
+        out, resume_from, notes = Path(args.output_dir), None, []
+        if args.eval_only:  # adds eval_results.json to --output-dir: no run of its own, no ownership
             from molora_ds.evaluate import check_adapter
 
             check_adapter(args.adapter)
-        resume_from = checkpoint.resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
-        if resume_from is not None:
-            checkpoint.check_stage(resume_from, zero_stage(ds_config))
-            checkpoint.check_expert_parallel(resume_from, recipe.molora.expert_parallel_size, world)
+        else:
+            resume_from, notes = check_run_folder(args, out, recipe, ds_config, world)
         # Then the data (read and converted in full, so a bad row fails now) and the model's config.
         from molora_ds.data.formats import check_data
 
@@ -102,24 +112,72 @@ def main(argv: list[str] | None = None) -> int:
         from molora_ds.models.loading import check_model
 
         check_model(recipe.model)
-    except (FileNotFoundError, ValueError) as e:
+        # Last, once every input is known good: only now may the run folder be created.
+        lock = None
+        if rank() == 0 and not args.eval_only:  # the other ranks write only where rank 0 tells them
+            lock, moved = claim(out, resume=args.resume is not None, overwrite=args.overwrite)
+            notes += [f"--overwrite: the run that was in {out} is now in {moved}"] if moved else []
+    except (OSError, ValueError) as e:  # OSError: a run folder that cannot be created or moved
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if rank() == 0:
+        for note in notes:
+            log.info(note)
 
     if args.eval_only:
         from molora_ds.evaluate import evaluate_adapter
 
-        evaluate_adapter(recipe, args.adapter, Path(args.output_dir))
+        evaluate_adapter(recipe, args.adapter, out)
         return 0
+    try:
+        return train(recipe, ds_config, out, resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def check_run_folder(
+    args: argparse.Namespace, out: Path, recipe: Recipe, ds_config: dict, world: int
+) -> tuple[Path | None, list[str]]:
+    """The refusals about --output-dir and --resume (none creates anything); returns the checkpoint to
+    resume from and the lines to log about it."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --output-dir, --overwrite moves it aside: pass one")
+    if rank() == 0:
+        check_claim(out, resume=args.resume is not None, overwrite=args.overwrite)
+    resume_from, notes = checkpoint.resolve_resume(args.resume, out / "checkpoints")
+    if resume_from is not None:
+        check_resume_target(resume_from, out)
+        checkpoint.check_stage(resume_from, zero_stage(ds_config))
+        checkpoint.check_expert_parallel(resume_from, recipe.molora.expert_parallel_size, world)
+        notes += resume_notes(resume_from, recipe)
+    elif args.resume:
+        notes.append(f"--resume {args.resume}: no checkpoint in {out} yet, starting at step 0")
+    return resume_from, notes
+
+
+def train(recipe: Recipe, ds_config: dict, out: Path, resume_from: Path | None) -> int:
     from molora_ds.trainer import NonFiniteLossError, Trainer  # heavy imports after the cheap checks
 
     try:
-        results = Trainer(recipe, ds_config, Path(args.output_dir), resume=args.resume).fit()
+        results = Trainer(recipe, ds_config, out, resume_from=resume_from).fit()
     except NonFiniteLossError as e:  # a diverged run: say why in one line, not in a traceback per rank
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0 if results["status"] in ("finished", "preempted") else 1
+
+
+def resume_notes(tag_dir: Path, recipe: Recipe) -> list[str]:
+    """What a resumed run changes against its checkpoint's recipe, and the lr it goes on with."""
+    changes = checkpoint.recipe_changes(tag_dir, recipe.to_dict())
+    if not changes:
+        return []
+    step = checkpoint.read_meta(tag_dir)["step"]
+    lr = recipe.optim.lr * recipe.train.lr_factor(step)
+    return [
+        f"resume: recipe changed since {tag_dir.name}, applied: {'; '.join(changes)}. The lr schedule follows the "
+        f"new recipe: step {step + 1} uses lr {lr:.3g}"
+    ]
 
 
 def dry_run(args: argparse.Namespace, recipe, ds_config: dict, world: int, micro: int) -> int:

@@ -2,13 +2,14 @@
 
 A checkpoint folder counts only once its ``COMPLETE`` marker is there and still matches the
 folder: rank 0 writes it (atomically) after every rank has finished writing, listing each file
-with its size, so neither a crash mid-save nor a file cut short later leaves a checkpoint that
-``--resume auto`` would pick. Resuming on another process count goes through
+with its size and checksum, so neither a crash mid-save nor a file cut short or altered later
+leaves a checkpoint that ``--resume`` would load. Resuming on another process count goes through
 DeepSpeed's universal checkpoint format (converted on the fly).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,18 +28,41 @@ log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 META = "molora_meta.json"
 UNIVERSAL_SUFFIX = "_universal"
+# Recipe keys a checkpoint's state depends on: the adapter's shapes and layers, and what the optimizer
+# state means. Any other change applies on resume (and is logged).
+FIXED_ON_RESUME = (
+    "model.name_or_path",
+    "model.revision",
+    "molora.num_experts",
+    "molora.layer_experts",
+    "molora.rank",
+    "molora.target_modules",
+    "molora.include_vision",
+    "optim.method",
+    "optim.precondition",
+    "optim.gate_rescale",
+    "molora.gate_rescale",
+)
 
 
 def _tag(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _manifest(tag_dir: Path) -> dict[str, int]:
-    return {
-        str(f.relative_to(tag_dir)): f.stat().st_size
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(tag_dir: Path) -> list[Path]:
+    return [
+        f
         for f in sorted(tag_dir.rglob("*"))
         if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp")
-    }
+    ]
 
 
 def _fsync(path: Path) -> None:
@@ -50,14 +74,15 @@ def _fsync(path: Path) -> None:
 
 
 def mark_complete(tag_dir: Path) -> None:
-    """Write the ``COMPLETE`` marker: every file of the folder with its size, renamed into place.
+    """Write the ``COMPLETE`` marker: every file of the folder with its size and checksum, renamed into place.
 
     The files and the marker reach the disk before the rename, and the rename before we return:
     after a power loss the marker never names data that was still in the page cache.
     """
-    manifest = _manifest(tag_dir)
-    for name in manifest:
-        _fsync(tag_dir / name)
+    manifest = {}
+    for f in _files(tag_dir):
+        _fsync(f)
+        manifest[str(f.relative_to(tag_dir))] = {"size": f.stat().st_size, "blake2b": _digest(f)}
     tmp = tag_dir / (COMPLETE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     _fsync(tmp)
@@ -65,53 +90,98 @@ def mark_complete(tag_dir: Path) -> None:
     _fsync(tag_dir)
 
 
-def is_complete(tag_dir: Path) -> bool:
-    """The marker exists and every file it lists is there with its recorded size."""
+def problem(tag_dir: Path, verify: bool = True) -> str | None:
+    """Why ``tag_dir`` is not a checkpoint to resume from, or None. ``verify``: also compare every file's
+    checksum (a same-size corruption would otherwise load, and train on to NaN losses)."""
     try:
         listed = json.loads((tag_dir / COMPLETE).read_text())
+    except FileNotFoundError:
+        return f"no {COMPLETE} marker (its save did not finish)"
     except (OSError, ValueError):
-        return False
-    if not isinstance(listed, dict) or not listed:
-        return False
-    return all(
-        (tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size
-        for name, size in listed.items()
-    )
+        return f"its {COMPLETE} marker is unreadable"
+    if not isinstance(listed, dict) or not listed or not all(isinstance(v, dict) for v in listed.values()):
+        return f"its {COMPLETE} marker lists no files with checksums"
+    for name, want in listed.items():
+        f = tag_dir / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want.get("size"):
+            return f"{name} has {f.stat().st_size} bytes, {want.get('size')} were written"
+    for name, want in listed.items() if verify else ():
+        if _digest(tag_dir / name) != want.get("blake2b"):
+            return f"{name} does not match its checksum (the file changed after it was written)"
+    return None
+
+
+def is_complete(tag_dir: Path) -> bool:
+    """The marker exists and every file it lists is there with its recorded size (cheap: no checksums)."""
+    return problem(tag_dir, verify=False) is None
+
+
+def tags(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root``, oldest first (conversions are never resume targets themselves)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step") and not p.name.endswith(UNIVERSAL_SUFFIX)]
+    return sorted((p for p in found if p.is_dir()), key=lambda p: p.name)
 
 
 def _complete_tags(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    tags = [p for p in root.iterdir() if p.name.startswith("step") and not p.name.endswith(UNIVERSAL_SUFFIX)]
-    return sorted((p for p in tags if is_complete(p)), key=lambda p: p.name)
+    return [p for p in tags(root) if is_complete(p)]
 
 
 def find_latest(root: Path) -> Path | None:
-    tags = _complete_tags(root)
-    return tags[-1] if tags else None
+    done = _complete_tags(root)
+    return done[-1] if done else None
 
 
-def resolve_resume(arg: str | None, ckpt_root: Path) -> Path | None:
-    """``auto``: newest complete checkpoint under ``ckpt_root`` or None; a path: that checkpoint (or the
-    newest under a run/checkpoints folder). A path without a complete checkpoint is an error."""
+def _newest_valid(root: Path, arg: str) -> tuple[Path | None, list[str]]:
+    skipped = []
+    for tag in reversed(tags(root)):
+        why = problem(tag)
+        if why is None:
+            return tag, skipped
+        skipped.append(f"skipped checkpoint {tag}: {why}")
+    if skipped:
+        raise ValueError(
+            f"--resume {arg}: none of the {len(skipped)} checkpoints under {root} is valid "
+            f"({'; '.join(s.split(': ', 1)[1] for s in skipped)}); move them aside to start over, or pass "
+            "--overwrite"
+        )
+    return None, []
+
+
+def resolve_resume(arg: str | None, ckpt_root: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from and one line per newer checkpoint skipped (with why).
+
+    ``auto``: the newest valid checkpoint under ``ckpt_root``, None when there is none yet; an error when
+    checkpoints exist but none is valid (never a silent restart from step 0). A path: that checkpoint,
+    or the newest valid one under a run or checkpoints folder.
+    """
     if arg is None:
-        return None
+        return None, []
     if arg == "auto":
-        return find_latest(ckpt_root)
+        return _newest_valid(ckpt_root, arg)
     path = Path(arg)
-    if is_complete(path):
-        return path
+    if (path / COMPLETE).exists() or (path.name.startswith("step") and path.is_dir()):
+        why = problem(path)
+        if why:
+            raise ValueError(f"--resume {arg}: not a valid checkpoint: {why}")
+        return path, []
     for root in (path, path / "checkpoints"):
-        found = find_latest(root)
-        if found:
-            return found
+        if tags(root):
+            return _newest_valid(root, arg)
     raise FileNotFoundError(
-        f"--resume {arg}: no complete checkpoint there (a folder with a {COMPLETE} marker)"
+        f"--resume {arg}: no checkpoint there (a stepNNNNNNNN folder with a {COMPLETE} marker)"
     )
 
 
 def read_meta(tag_dir: Path) -> dict:
-    return json.loads((tag_dir / META).read_text())
+    path = tag_dir / META
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); resume from another checkpoint") from None
 
 
 def check_stage(tag_dir: Path, stage: int) -> None:
@@ -124,6 +194,39 @@ def check_stage(tag_dir: Path, stage: int) -> None:
             f"load a checkpoint into another stage: resume with a config of stage {saved} (e.g. "
             f"ds_configs/zero{saved}.json)"
         )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "extra":
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def recipe_changes(tag_dir: Path, recipe: dict) -> list[str]:
+    """``key: old -> new`` for each recipe value that differs from the checkpoint's; an error for those
+    that cannot apply to its state, and for a checkpoint already past ``train.max_steps``."""
+    meta = read_meta(tag_dir)
+    new = _flatten(json.loads(json.dumps(recipe)))  # tuples as lists, as the saved copy has them
+    # A checkpoint written before recipes were saved has nothing to compare.
+    old = _flatten(meta.get("recipe", new))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    if fixed:
+        diffs = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in fixed)
+        raise ValueError(
+            f"--resume: {tag_dir} cannot continue with a changed {diffs} (the adapter's shape or the optimizer's "
+            "state depend on it); restore the old value, or start a new run (--overwrite or another --output-dir)"
+        )
+    if new["train.max_steps"] < meta["step"]:
+        raise ValueError(
+            f"--resume: {tag_dir} is at step {meta['step']}, past train.max_steps={new['train.max_steps']}; "
+            f"raise train.max_steps above {meta['step']} to train on"
+        )
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
 def check_expert_parallel(tag_dir: Path, size: int, world: int) -> None:

@@ -60,6 +60,8 @@ class MoLoRAConfig:
                 "gradient; use top_k >= 2 or set load_balance_coef > 0",
                 stacklevel=3,
             )
+        if not 0.0 < self.alpha < float("inf"):
+            raise ValueError(f"MoLoRAConfig: alpha must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MoLoRAConfig: dropout must be in [0, 1), got {self.dropout}")
         if self.load_balance_coef < 0:

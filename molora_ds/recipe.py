@@ -9,6 +9,7 @@ string (it wants ``1.0e-3``), so float fields convert numeric strings.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,6 +139,15 @@ class TrainConfig:
                 f"train.decay_steps={self.decay_steps} must be greater than train.warmup_steps={self.warmup_steps}"
             )
 
+    def lr_factor(self, step: int) -> float:
+        """The lr multiplier of the step taken after ``step`` optimizer steps: linear warm-up, then linear
+        decay to 0 at ``decay_steps``. A function of the step number alone: a skipped step still uses its
+        slot, and a resumed run follows its own recipe's schedule, not the checkpoint's."""
+        decay = self.decay_steps or math.ceil(self.max_steps / 0.9)
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return max(0.0, 1.0 - (step - self.warmup_steps) / max(1, decay - self.warmup_steps))
+
 
 @dataclass
 class EvalConfig:
@@ -181,7 +191,8 @@ def _set_dotted(d: dict, key: str, value: object) -> None:
     for p in parents:
         d = d.setdefault(p, {})
         if not isinstance(d, dict):
-            raise ValueError(f"--set {key}: {p!r} is not a section")
+            # Not "--set ...": the key may come from --max-steps or --seed, the scalar from the recipe file.
+            raise ValueError(f"recipe: cannot set {key}: {p!r} is {d!r}, not a section")
     d[leaf] = value
 
 
@@ -250,6 +261,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"recipe {path} is a folder; pass --recipe with a YAML file (see recipes/)")
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} not found; pass --recipe with a YAML file (see recipes/)")
         try:
@@ -264,7 +277,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set molora.top_k=4")
-        _set_dotted(raw, key, yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(
+                f"--set {item!r}: the value is not valid YAML; quote it, e.g. --set 'key=\"text\"'"
+            ) from None
+        _set_dotted(raw, key, parsed)
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise ValueError(f"recipe: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -37,20 +36,10 @@ from molora_ds.inject import (
 from molora_ds.metrics import MetricsLogger
 from molora_ds.models.loading import load_model, load_processor
 from molora_ds.optim import GradientPreconditioner, build_optimizer
+from molora_ds.preemption import StopRequests
 from molora_ds.recipe import Recipe
 
 log = logging.getLogger("molora_ds")
-
-
-def linear_decay(warmup: int, decay_steps: int):
-    """lr factor: linear warm-up, then linear decay to 0 at ``decay_steps`` (paper: max_steps / 0.9)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, 1.0 - (step - warmup) / max(1, decay_steps - warmup))
-
-    return factor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,10 +47,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, ds_config: dict, output_dir: Path, resume: str | None = None) -> None:
-        self.recipe, self.run_dir = recipe, Path(output_dir)
+    def __init__(
+        self, recipe: Recipe, ds_config: dict, output_dir: Path, resume_from: Path | None = None
+    ) -> None:
+        self.recipe, self.run_dir, self.resume_from = recipe, Path(output_dir), resume_from
         # The device first, from the launcher's local rank, before anything touches CUDA.
         self.env = setup_env()
+        # Signals from here on ask for a checkpoint at the end of a step (none is lost while the model loads).
+        self.stop = StopRequests(watch_launcher=self.env.launcher == "torch")
         self.device = self.env.bind_device()
         deepspeed.init_distributed(
             dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False
@@ -104,23 +97,21 @@ class Trainer:
                 f"{len(self.train_tok)} training rows with an image, {self.vision.image_tokens} image tokens each"
             )
 
-        # Optimizer and schedule. Under DeepSpeed the preconditioner runs in gradient hooks (see
-        # molora_ds.optim.zero), since ZeRO hands the optimizer flat partitions.
+        # Optimizer. Under DeepSpeed the preconditioner runs in gradient hooks (see
+        # molora_ds.optim.zero), since ZeRO hands the optimizer flat partitions. No scheduler object:
+        # each step's lr is the recipe's times train.lr_factor(step), set in train_step.
         optim = recipe.optim
         self.optimizer = build_optimizer(self.model, precondition_in_step=False, **dataclasses.asdict(optim))
-        decay = train.decay_steps or math.ceil(train.max_steps / 0.9)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_decay(train.warmup_steps, decay)
-        )
+        # By label: DeepSpeed renames the expert-parallel group in initialize.
+        self.base_lrs = {expert_parallel.group_label(g): g["lr"] for g in self.optimizer.param_groups}
 
         # Resume target first: another process count needs the universal format, set before initialize.
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.resume_from = checkpoint.resolve_resume(resume, self.ckpt_root)
         if self.resume_from and checkpoint.read_meta(self.resume_from)["world_size"] != self.world:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config
+            model=self.model, optimizer=self.optimizer, config=self.ds_config
         )
         self.optimizer.partitioned = zero_stage(self.ds_config) >= 1 or bf16_enabled(self.ds_config)
         self.preconditioner = (
@@ -137,9 +128,6 @@ class Trainer:
         self.saved_step = self.step  # the newest checkpoint holds this step (or there is none: step 0)
 
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, resume_step=self.step)
-        self._stop_signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
         self.bad_steps = 0
         if self.rank == 0:
             self._write_run_files()
@@ -154,9 +142,6 @@ class Trainer:
     def _log(self, msg: str) -> None:
         if self.rank == 0:
             log.info(msg)
-
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +189,12 @@ class Trainer:
         # DeepSpeed averages over ranks and accumulation steps; undo both so that the gradient is the
         # one of sum(token losses) / targets, on any process count.
         scale = self.world * self.accum / targets
+        # A function of the step number: a skipped step uses its lr slot as it uses its data. (DeepSpeed
+        # would not step a scheduler after a ZeRO-1/2 overflow but would on ZeRO-0: it is not asked.)
+        factor = self.recipe.train.lr_factor(self.step)
         groups = self.optimizer.param_groups
+        for g in groups:
+            g["lr"] = self.base_lrs[expert_parallel.group_label(g)] * factor
         lrs = {f"lr/{expert_parallel.group_label(g)}": g["lr"] for g in groups}  # the lr this step uses
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -267,11 +257,12 @@ class Trainer:
         status = "finished"
         while self.step < train.max_steps:
             # Checked before each step, so that a signal during the first evaluation stops the run too.
-            if self._all_ranks_any(self._stop_signal != 0):
+            if self._all_ranks_any(self.stop.requested()):
                 status = "preempted"
                 if self.step != self.saved_step:
                     self.save()
-                self._log(f"signal received: exiting at step {self.step}, resume with --resume auto")
+                why = self.stop.reason or "a stop request on another rank"
+                self._log(f"{why}: exiting at step {self.step}, resume with --resume auto")
                 break
             row = self.train_step()
             self.metrics.step(row, self._expert_load() if self.step % train.log_every == 0 else None)
@@ -341,6 +332,7 @@ class Trainer:
     def save(self) -> None:
         meta = {"step": self.step, "world_size": self.world, "zero_stage": zero_stage(self.ds_config)}
         meta["expert_parallel_size"] = self.recipe.molora.expert_parallel_size
+        meta["recipe"] = self.recipe.to_dict()  # a resume compares its own recipe with it (recipe_changes)
         keep = self.recipe.train.keep_last
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, meta, keep, self.experts)
         self.saved_step = self.step

@@ -47,6 +47,16 @@ def world_size() -> int:
     return 1
 
 
+def rank() -> int:
+    """This process's global rank as the launcher announces it (0 without one), read like ``world_size``."""
+    if "RANK" in os.environ and os.environ["RANK"].isdigit():
+        return int(os.environ["RANK"])
+    for name, _, _ in _LAUNCHERS.values():
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 @dataclass(frozen=True)
 class LaunchEnv:
     """What the launcher told this process: the one source of truth for its rank and device."""

@@ -8,6 +8,7 @@ clip, computed over all routers together; the experts are never clipped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,14 @@ class OptimConfig:
             self.lr = 1e-5 if self.is_adam else 3e-5
         if self.reg <= 0:
             raise ValueError(f"reg must be > 0 (it keeps the r x r systems invertible), got {self.reg}")
+        # `not x >= 0` is also true for NaN, which would otherwise train to NaN losses after the model loads.
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("gate_lr", "weight_decay", "eps", "momentum", "gate_max_grad_norm"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         self.betas = tuple(self.betas)
 
     @property

@@ -172,24 +172,51 @@ def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
 
 def test_auto_resume_skips_incomplete_checkpoints(tmp_path):
     root = tmp_path / "checkpoints"
-    assert checkpoint.resolve_resume("auto", root) is None  # a fresh run
+    assert checkpoint.resolve_resume("auto", root) == (None, [])  # a fresh run
     _fake_checkpoint(root, 2)
     four = _fake_checkpoint(root, 4)
     _fake_checkpoint(root, 6, complete=False)  # killed while writing
-    assert checkpoint.resolve_resume("auto", root) == four
+    assert checkpoint.resolve_resume("auto", root) == (four, [f"skipped checkpoint {root}/step00000006: no "
+                                                             "COMPLETE marker (its save did not finish)"])  # fmt: skip
     eight = _fake_checkpoint(root, 8)
     (eight / checkpoint.COMPLETE).write_text("")  # a marker cut short
-    assert checkpoint.resolve_resume("auto", root) == four
     ten = _fake_checkpoint(root, 10)
     with open(ten / "mp_rank_00_model_states.pt", "r+b") as f:  # a shard cut short after the marker
         f.truncate(10)
-    assert checkpoint.resolve_resume("auto", root) == four
     (root / "step00000012_universal").mkdir()  # conversions are never resume targets themselves
-    assert checkpoint.resolve_resume("auto", root) == four
-    assert checkpoint.resolve_resume(str(root.parent), root) == four  # a run folder
-    assert checkpoint.resolve_resume(str(four), root) == four
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    found, skipped = checkpoint.resolve_resume("auto", root)
+    assert found == four
+    assert [line.split(": ", 1)[1] for line in skipped] == [
+        "mp_rank_00_model_states.pt has 10 bytes, 100 were written",
+        "its COMPLETE marker is unreadable",
+        "no COMPLETE marker (its save did not finish)",
+    ]
+    assert checkpoint.resolve_resume(str(root.parent), root)[0] == four  # a run folder
+    assert checkpoint.resolve_resume(str(four), root) == (four, [])
+    with pytest.raises(ValueError, match="not a valid checkpoint: mp_rank_00_model_states.pt has 10 bytes"):
         checkpoint.resolve_resume(str(ten), root)
+
+
+def test_same_size_corruption_is_skipped_and_all_corrupt_is_an_error(tmp_path):
+    """Issue 9.5: sizes alone let a checkpoint whose bytes changed load, and train on to NaN losses."""
+    root = tmp_path / "checkpoints"
+    two, four = _fake_checkpoint(root, 2), _fake_checkpoint(root, 4)
+    shard = four / "mp_rank_00_model_states.pt"
+    shard.write_bytes(b"y" + shard.read_bytes()[1:])  # one byte flipped, same size
+    found, skipped = checkpoint.resolve_resume("auto", root)
+    assert found == two
+    assert skipped == [f"skipped checkpoint {four}: mp_rank_00_model_states.pt does not match its checksum "
+                       "(the file changed after it was written)"]  # fmt: skip
+    meta = two / checkpoint.META
+    meta.write_text(meta.read_text().replace("2", "3", 1))  # the step in the metadata, same size
+    # Checkpoints exist but none is valid: an error naming each reason, not a silent restart at step 0.
+    with pytest.raises(ValueError, match=r"none of the 2 checkpoints under .* is valid \(mp_rank_00_model_states.pt "
+                                         r"does not match its checksum .*; molora_meta.json does not match"):  # fmt: skip
+        checkpoint.resolve_resume("auto", root)
+    with pytest.raises(
+        ValueError, match="not a valid checkpoint: molora_meta.json does not match its checksum"
+    ):
+        checkpoint.resolve_resume(str(two), root)
 
 
 # ---------------------------------------------------------------------------- SIGKILL, signals
@@ -307,3 +334,88 @@ def test_resume_on_one_process_via_universal_checkpoint(stage, reference, tmp_pa
     assert_same_trajectory(out, ref, from_step=at, tol=UNIVERSAL_TOL)
     # The new checkpoints record the new world size, so the next resume on 1 process is direct.
     assert checkpoint.read_meta(checkpoint.find_latest(out / "checkpoints"))["world_size"] == 1
+
+
+# ---------------------------------------------------------------------------- run folders, Ctrl-C
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"" for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.distributed
+def test_a_run_folder_is_refused_moved_aside_then_resumed_with_a_changed_recipe(tmp_path):
+    """Issue 9.1 and 9.6, its reproduction: 12 steps into R (seed 7), then 6 steps into R with seed 8,
+    then --resume auto. The second run used to truncate R's metrics and rotate its own checkpoints
+    away (the old run's step numbers sorted after them), and the resume continued the *old* run."""
+    out = tmp_path / "run"
+    run(
+        out,
+        2,
+        nproc=1,
+        extra=("--set", "train.seed=7", "--set", "train.keep_last=3", "--set", "train.max_steps=12"),
+    )
+    first = _tree(out)
+    second = ("--set", "train.seed=8", "--set", "train.max_steps=6")
+
+    rc, text = finish(start(out, 2, nproc=1, extra=second))
+    assert rc == 2 and f"error: --output-dir {out} already holds a run; pass --resume auto" in text, text[
+        -3000:
+    ]
+    assert _tree(out) == first, "a refused run changed the run folder"
+
+    text = run(out, 2, nproc=1, extra=(*second, "--overwrite"))
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and f"the run that was in {out} is now in {aside[0]}" in text
+    assert _tree(aside[0]) == first, "the overwritten run was not kept as it was"
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000004", "step00000006"]
+
+    # More steps and another lr: applied, said so, and the schedule follows the new recipe (decay to 0
+    # at ceil(8 / 0.9) = 9 steps), not the checkpoint's (ceil(6 / 0.9) = 7).
+    text = run(
+        out, 2, nproc=1, extra=(*second, "--set", "train.max_steps=8", "--set", "optim.lr=2e-3", "--resume")
+    )
+    assert resumed_step(text) == 6, "resumed the wrong run"
+    assert (
+        "recipe changed since step00000006, applied: optim.lr 0.001 -> 0.002; train.max_steps 6 -> 8" in text
+    )
+    rows = {r["step"]: r for r in metrics(out)}
+    assert sorted(rows) == list(range(1, 9))
+    for step, row in rows.items():
+        want = 1e-3 * (1 - (step - 1) / 7) if step <= 6 else 2e-3 * (1 - (step - 1) / 9)
+        assert row["lr/experts"] == pytest.approx(want, rel=1e-12), (step, row["lr/experts"], want)
+    assert json.loads((out / "results.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.distributed
+def test_ctrl_c_saves_and_exits_cleanly_and_a_second_one_aborts(tmp_path):
+    """Issue 9.3: Ctrl-C (SIGINT) gave a traceback and lost every step since the last save. The first
+    one now saves at the end of the step and exits 0; a second one ends the process at once, unsaved.
+    A global batch of 64 makes a step take seconds, so the second SIGINT lands inside it."""
+    out = tmp_path / "run"
+    extra = (
+        "--set",
+        "train.max_steps=200",
+        "--set",
+        "train.save_every=100",
+        "--set",
+        "train.global_batch=64",
+    )
+    proc = start(out, 0, nproc=1, extra=extra)
+    wait_until(proc, lambda: last_step(out) >= 2, "step 2")
+    proc.send_signal(signal.SIGINT)
+    rc, text = finish(proc)
+    assert rc == 0 and "Traceback" not in text, text[-3000:]
+    assert "Ctrl-C: saving a checkpoint at the end of this step, then exiting; Ctrl-C again aborts" in text
+    results = json.loads((out / "results.json").read_text())
+    stopped = results["step"]
+    assert results["status"] == "preempted" and 2 <= stopped < 200
+    assert newest_complete(out) == stopped == last_step(out), "no checkpoint at the step the run stopped"
+
+    proc = start(out, 0, nproc=1, extra=(*extra, "--resume", "auto"))
+    wait_until(proc, lambda: last_step(out) > stopped, "a step after the resume")
+    proc.send_signal(signal.SIGINT)
+    wait_until(proc, lambda: "Ctrl-C again aborts" in output(proc), "the first Ctrl-C's message")
+    proc.send_signal(signal.SIGINT)
+    rc, text = finish(proc, timeout=30)
+    assert rc == -signal.SIGINT, f"exit code {rc}:\n{text[-3000:]}"
+    assert resumed_step(text) == stopped and newest_complete(out) == stopped, "the aborted run saved"

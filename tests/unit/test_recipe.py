@@ -96,7 +96,7 @@ def test_exponent_floats_are_numbers(tmp_path, text):
         (["data.format=commonsense_qa"], "data.format 'commonsense_qa' needs data.train"),
         (
             ["train.max_steps=3", "train.max_steps.x=1"],
-            "--set train.max_steps.x: 'max_steps' is not a section",
+            "recipe: cannot set train.max_steps.x: 'max_steps' is 3, not a section",
         ),
         (
             ["molora.top_k=5", "molora.num_experts=4"],
