@@ -144,11 +144,11 @@ def sparse_mixture_of_lora_experts(
 
 
 # Sparse wins when E > SPARSE_FACTOR * k: the dense path does E*r multiply-adds per token and
-# (in + out) element, the sparse one k*r in bmm blocks of r=4 columns (several times slower per
-# multiply-add than one wide matmul) plus moving each pair's in + out elements. CPU: the crossover
-# bench/bench_experts.py measured (its "fit" column, 55-100 at E >= 256; bench/README.md). CUDA: not
-# measured (no GPU so far); the same rule until it is.
-SPARSE_FACTOR = {"cpu": 64.0, "cuda": 64.0}
+# (in + out) element at full GEMM speed, the sparse one k*r at the memory-bound speed of the CSR
+# kernels (several times slower per multiply-add). CPU: bench/bench_experts.py on this machine
+# (bench/README.md) has sparse ahead at E/k = 8 and 10 and behind at E/k = 2.5, so the factor sits
+# between 2.5 and 8. CUDA: not measured (no GPU so far); the same rule until it is.
+SPARSE_FACTOR = {"cpu": 4.0, "cuda": 4.0}
 
 
 def use_sparse(num_experts: int, top_k: int, device: torch.device) -> bool:
