@@ -175,7 +175,8 @@ def execute(
         "model": scale.model,
         "steps": scale.steps,
         "global_batch": scale.global_batch,
-        "accuracy_before": res["accuracy_before"]["accuracy"],
+        # None when the run resumed past step 0; B = 0 at the start, so every run of a task starts alike.
+        "accuracy_before": res.get("accuracy_before", {}).get("accuracy"),
         "accuracy_after": res["accuracy_after"]["accuracy"],
         "eval_questions": res["accuracy_after"]["n"],
         "loss": [r["loss"] for r in rows],
@@ -320,7 +321,8 @@ def write_report(
 def _before(results: list[dict]) -> str:
     by_task = {}
     for r in results:
-        by_task.setdefault(r["task"], r["accuracy_before"])
+        if r["accuracy_before"] is not None:
+            by_task.setdefault(r["task"], r["accuracy_before"])
     return ", ".join(f"{t} {a:.3f}" for t, a in by_task.items())
 
 

@@ -4,9 +4,13 @@ deepspeed launch/train.py --config ds_configs/zero2.json            # the embedd
 torchrun --nproc_per_node 2 launch/train.py --config ds_configs/zero3.json --recipe recipes/tiny.yaml
 python launch/train.py --config ds_configs/zero0.json --set train.max_steps=10
 python launch/train.py --config ds_configs/zero3.json --recipe recipes/glm4_9b_qa.yaml --dry-run --world-size 16
+torchrun --nproc_per_node 2 launch/train.py --config ds_configs/zero2.json --recipe recipes/tiny.yaml \
+    --eval-only --adapter runs/default/adapter
 
 --dry-run loads no weights and starts no process group: it prints the per-GPU memory plan
 (molora_ds/plan.py) for --world-size ranks and a --gpu-memory card, and exits.
+--eval-only --adapter PATH trains nothing: it loads the base model and a saved adapter on every process and
+writes the accuracy on the recipe's eval data to OUTPUT_DIR/eval_results.json (molora_ds/evaluate.py).
 """
 
 from __future__ import annotations
@@ -44,12 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. --set molora.top_k=4 (repeatable)",
     )
+    p.add_argument(
+        "--eval-only", action="store_true", help="evaluate --adapter on the eval data; no training"
+    )
+    p.add_argument("--adapter", type=Path, help="a saved adapter folder (a run's adapter/), for --eval-only")
     plan = p.add_argument_group("planning (--dry-run)")
     plan.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
     plan.add_argument("--world-size", type=int, help="ranks to plan for (default: this launch's)")
     plan.add_argument("--gpu-memory", default="80GB", help="GPU size to check against (default: %(default)s)")
     plan.add_argument(
-        "--seq-len", type=int, help="tokens per sequence (default: data.max_len, + image tokens)"
+        "--seq-len", type=int, help="tokens per sequence (default: data.max_len, image tokens included)"
     )
     plan.add_argument("--checkpointing", action="store_true", help="plan with gradient checkpointing")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
@@ -75,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         check_setup(recipe.molora.expert_parallel_size, world, zero_stage(ds_config))
         if args.dry_run:
             return dry_run(args, recipe, ds_config, world, micro)
+        if args.eval_only != (args.adapter is not None):
+            raise ValueError(
+                "--eval-only and --adapter PATH go together: evaluate a saved adapter, no training"
+            )
+        if args.eval_only:
+            from molora_ds.evaluate import check_adapter
+
+            check_adapter(args.adapter)
         resume_from = checkpoint.resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
         if resume_from is not None:
             checkpoint.check_stage(resume_from, zero_stage(ds_config))
@@ -89,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+    if args.eval_only:
+        from molora_ds.evaluate import evaluate_adapter
+
+        evaluate_adapter(recipe, args.adapter, Path(args.output_dir))
+        return 0
 
     from molora_ds.trainer import NonFiniteLossError, Trainer  # heavy imports after the cheap checks
 
@@ -106,7 +128,7 @@ def dry_run(args: argparse.Namespace, recipe, ds_config: dict, world: int, micro
 
     gpu_memory = plan.parse_size(args.gpu_memory)
     config = plan.model_config(recipe.model)
-    seq_len = args.seq_len or recipe.data.max_len + getattr(config, "image_seq_length", 0)
+    seq_len = args.seq_len or recipe.data.max_len  # image tokens included
     bf16 = ds_config.get("bf16", {}).get("enabled", False) in (True, "auto")
     model = plan.meta_model(config)
     result = plan.memory_plan(

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from molora_ds.data.multiple_choice import LETTERS, check_mc_columns, encode_prompts, letter_token_ids
+from molora_ds.data.vision import VisionPrompt, pixel_values
 
 GENERATE_TOKENS = 8
 # Only capital letters count: "the answer is a person ..." must not parse as A.
@@ -127,13 +128,16 @@ def mc_accuracy(
     max_len: int = 1024,
     limit: int | None = None,
     prompt: str = "lettered",
+    vision: VisionPrompt | None = None,
+    image_processor: object | None = None,
 ) -> dict[str, float | int]:
     """Accuracy on the first ``limit`` rows of a multiple-choice data set: ``{"accuracy", "n"}``.
 
     Takes any ``nn.Module`` with a Hugging Face causal-LM forward (a DeepSpeed engine's
     ``.module`` included). In a distributed run each rank scores a shard and the counts are
     summed, so every rank returns the same numbers. Prompts longer than ``max_len`` lose the
-    start of their question, as in training.
+    start of their question, as in training. A vision-language model takes ``vision`` (its chat
+    template and image tokens) and ``image_processor``: rows with an ``image`` are shown it.
     """
     if method not in ("loglik", "generate"):
         raise ValueError(f"method must be 'loglik' or 'generate', got {method!r}")
@@ -144,7 +148,8 @@ def mc_accuracy(
         raise ValueError("cannot compute accuracy on an empty data set")
     rows, counted = _shard(len(ds))
     shard = ds.select(rows)
-    prompts = encode_prompts(shard, tokenizer, max_len, prompt)
+    prompts = encode_prompts(shard, tokenizer, max_len, prompt, vision)
+    images = shard["image"] if image_processor is not None and "image" in shard.column_names else None
     cols = shard.select_columns(["choices", "answer_index"]).to_dict()
     n_choices = torch.tensor([len(c) for c in cols["choices"]])
     gold = torch.tensor(cols["answer_index"])
@@ -160,11 +165,15 @@ def mc_accuracy(
         picks = []
         for start in range(0, len(prompts), batch_size):
             chunk = slice(start, start + batch_size)
+            # loglik pads on the right; generation continues from the last column, so on the left
+            batch = _pad(prompts[chunk], pad_id, left=method == "generate", device=device)
+            if images is not None:
+                pixels = pixel_values(image_processor, images[chunk], rows[chunk], "eval set")
+                if pixels is not None:  # in the model's dtype: LLaVA does not cast them
+                    batch["pixel_values"] = pixels.to(device, getattr(model, "dtype", torch.float32))
             if method == "loglik":
-                batch = _pad(prompts[chunk], pad_id, left=False, device=device)
                 picks.append(_loglik_choices(model, batch, letters, n_choices[chunk].to(device)).cpu())
-            else:  # generation continues from the last column, so pad on the left
-                batch = _pad(prompts[chunk], pad_id, left=True, device=device)
+            else:
                 picks.append(_generate_choices(model, tokenizer, batch, n_choices[chunk], pad_id, synced))
     finally:
         for m, training in modes.items():

@@ -51,7 +51,7 @@ class ModelConfig:
             )
 
 
-BUILTIN_DATA = ("rotten_tomatoes", "bigbench/")
+BUILTIN_DATA = ("rotten_tomatoes", "easy_vqa", "bigbench/")
 PROMPTS = ("lettered", "paper")
 
 
@@ -60,11 +60,13 @@ class DataConfig:
     """Where the multiple-choice rows come from and how they are prompted.
 
     ``format`` names the schema (``molora_ds.data.formats``); ``rotten_tomatoes`` and
-    ``bigbench/<task>`` are built in and read no file, every other format reads ``train`` (a jsonl,
+    ``bigbench/<task>`` and ``easy_vqa`` (images) are built in and read no file, every other format reads ``train`` (a jsonl,
     json, csv or parquet file, a ``save_to_disk`` folder, or a hub id) and, if given, ``eval``
     (else ``eval_size`` rows of ``train`` are held out). ``columns`` maps our column names to
     yours for format ``mc``. ``prompt``: ``lettered`` (answer with a letter, scored by
     log-likelihood) or ``paper`` (the paper's Alpaca-style instruction, target "The answer is X.").
+    ``max_len`` counts every token of a sequence, a vision-language model's image tokens included;
+    ``image_workers`` DataLoader processes decode a run's images (0: the training process does).
     Recipes written before ``format`` existed name it ``name``; that key still loads.
     """
 
@@ -75,8 +77,11 @@ class DataConfig:
     eval_size: int = 300
     max_len: int = 256
     prompt: str = "lettered"
+    image_workers: int = 2
 
     def __post_init__(self) -> None:
+        if self.image_workers < 0:
+            raise ValueError(f"data.image_workers must be >= 0, got {self.image_workers}")
         if self.eval_size < 1 or self.max_len < 1:
             raise ValueError(
                 f"data.eval_size and data.max_len must be >= 1, got {self.eval_size}, {self.max_len}"

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from molora_ds import checkpoint
 from molora_ds.data.formats import load_splits
-from molora_ds.data.multiple_choice import pad_collate, tokenize_mc
+from molora_ds.data.multiple_choice import tokenize_mc
+from molora_ds.data.vision import StepBatches, step_loader, vision_prompt
 from molora_ds.distributed import expert_parallel
 from molora_ds.distributed.env import setup_env
 from molora_ds.ds_config import bf16_enabled, finalize, plan_batches, zero_stage
@@ -34,7 +35,7 @@ from molora_ds.inject import (
     save_adapter,
 )
 from molora_ds.metrics import MetricsLogger
-from molora_ds.models.loading import load_model
+from molora_ds.models.loading import load_model, load_processor
 from molora_ds.optim import GradientPreconditioner, build_optimizer
 from molora_ds.recipe import Recipe
 
@@ -75,6 +76,7 @@ class Trainer:
         # DeepSpeed config); the adapters are seeded right before they are drawn, so that their
         # initialisation does not depend on how the model was loaded (zero.Init draws differently).
         self.model, self.tokenizer = load_model(recipe.model, self.ds_config)
+        self.processor = load_processor(recipe.model)  # vision-language models only, else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         torch.manual_seed(train.seed)
         self.layer_names = apply_molora(self.model, recipe.molora)
@@ -88,8 +90,19 @@ class Trainer:
 
         # Data: a fixed order per epoch, so a step number alone says which examples it sees.
         data = recipe.data
-        self.train_set, self.eval_set = load_splits(data, train.seed)
-        self.train_tok = tokenize_mc(self.train_set, self.tokenizer, data.max_len, data.prompt)
+        self.vision = vision_prompt(self.processor) if self.processor is not None else None
+        self.train_set, self.eval_set = load_splits(data, train.seed, vision=self.vision is not None)
+        self.train_tok = tokenize_mc(self.train_set, self.tokenizer, data.max_len, data.prompt, self.vision)
+        images = self.processor.image_processor if "image" in self.train_tok.column_names else None
+        self.batches = StepBatches(
+            self.train_tok, train.global_batch, self.micro, self.accum, self.world, self.rank,
+            train.seed, self.pad_id, images,
+        )  # fmt: skip
+        self._steps, self._next_step = None, None
+        if images is not None:
+            self._log(
+                f"{len(self.train_tok)} training rows with an image, {self.vision.image_tokens} image tokens each"
+            )
 
         # Optimizer and schedule. Under DeepSpeed the preconditioner runs in gradient hooks (see
         # molora_ds.optim.zero), since ZeRO hands the optimizer flat partitions.
@@ -156,19 +169,13 @@ class Trainer:
         return bool(t.item())
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of global step ``step``: a slice of a per-epoch permutation."""
-        g, n = self.recipe.train.global_batch, len(self.train_tok)
-        start = step * g
-        idx = []
-        while len(idx) < g:
-            epoch, offset = divmod(start + len(idx), n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.train.seed + epoch))
-            idx += perm[offset : offset + g - len(idx)].tolist()
-        out = []
-        for a in range(self.accum):
-            first = (a * self.world + self.rank) * self.micro
-            out.append(pad_collate(self.train_tok.select(idx[first : first + self.micro]), self.pad_id))
-        return out
+        """This rank's micro-batches of global step ``step`` (``StepBatches``: a slice of a per-epoch
+        permutation); with images, built ahead and their images decoded in DataLoader workers."""
+        if step != self._next_step:  # the first step, or a resume moved it: (re)start the loader there
+            workers = self.recipe.data.image_workers if self.batches.image_processor is not None else 0
+            self._steps = iter(step_loader(self.batches, step, workers))
+        self._next_step = step + 1
+        return next(self._steps)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -211,6 +218,8 @@ class Trainer:
             # Position t predicts token t + 1: only positions followed by a target need logits.
             targets_at = batch["labels"][:, 1:]
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if "pixel_values" in batch:  # in the model's dtype: LLaVA does not cast them
+                inputs["pixel_values"] = batch["pixel_values"].to(self.engine.module.dtype)
             logits = logits_at(self.engine, inputs, keep)
             token_loss = F.cross_entropy(
                 logits.flatten(0, 1).float(), targets_at[:, keep].flatten(), reduction="sum"
@@ -310,6 +319,8 @@ class Trainer:
             ev.batch_size,
             self.recipe.data.max_len,
             prompt=self.recipe.data.prompt,
+            vision=self.vision,
+            image_processor=self.processor.image_processor if self.processor is not None else None,
         )
         self._log(
             f"eval ({ev.method}, {res['n']} questions): accuracy {res['accuracy']:.4f} "

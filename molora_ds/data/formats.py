@@ -12,9 +12,9 @@ Schemas, as published on the Hugging Face hub (read from their dataset cards and
   ("1".."3", 1-based, a string in the published files).
 - ``science_qa`` (derek-thomas/ScienceQA): ``question``, ``choices`` (list), ``answer`` (0-based int),
   ``hint`` (context, often empty), ``image`` (null for text questions), plus lecture/solution/
-  subject fields we do not read. The hint becomes a "Context:" line, as in the paper's code. Rows
-  with an image are skipped: the paper's text experiments use the text-only questions, and
-  images are not fed to the model yet.
+  subject fields we do not read. The hint becomes a "Context:" line, as in the paper's code. A text
+  model trains on the text questions (the paper's text experiments), a vision-language model on
+  the image questions (``load_splits``).
 - ``glue/<task>`` (nyu-mll/glue): the task's text columns and an integer ``label`` whose names become
   the choices (e.g. mnli: entailment, neutral, contradiction). stsb's label is a similarity score
   in [0, 5], rounded to the nearest integer, the choices being "0".."5". Test splits have label -1
@@ -24,10 +24,15 @@ Schemas, as published on the Hugging Face hub (read from their dataset cards and
   "answer", "multiple_choices": [3 wrong answers], "type"}]}]}``. One file holds every split:
   ``data.train`` reads the "train" rows, ``data.eval`` the "val" rows. The answer and the three
   distractors are shuffled per question (seeded by ``qa_id``), since the file keeps them apart.
+  Images are read from ``images/<filename>`` beside the file (how the two archives of the
+  published download unpack).
 - ``vmcbench`` (suyc21/VMCBench): ``index``, ``question``, ``A``, ``B``, ``C``, ``D``, ``answer`` (a
   letter), ``category``, ``image``.
 
-For the image formats only the text is read for now (no vision-language training yet).
+Images (``science_qa``, ``visual7w``, ``vmcbench``, and ``mc``'s optional ``image``): a file path,
+absolute or relative to the data file's folder, or image bytes as ``datasets`` stores them. Rows keep
+a reference (``{"bytes", "path"}``, see ``molora_ds.data.vision``); each image's header is read here,
+so that one that cannot be opened fails before the model loads, naming the row and the file.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Image, List, Value, load_dataset, load_from_disk
 
+from molora_ds.data.vision import image_ref, open_image
 from molora_ds.recipe import BUILTIN_DATA, DataConfig
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -55,6 +61,7 @@ Converter = Callable[[Row], tuple[str, list[str], int] | None]
 class Format:
     columns: tuple[str, ...]  # what the published schema must have
     convert: Converter
+    image: str | None = None  # the column of the row's image, where the schema has one (optional)
 
 
 def _index_of(answer: object, labels: list[str]) -> int:
@@ -84,9 +91,7 @@ def _social_iqa(row: Row) -> tuple[str, list[str], int]:
     )
 
 
-def _science_qa(row: Row) -> tuple[str, list[str], int] | None:
-    if row.get("image") is not None:
-        return None
+def _science_qa(row: Row) -> tuple[str, list[str], int]:
     question = f"Context: {row['hint']}\n{row['question']}" if row["hint"] else row["question"]
     return question, list(row["choices"]), int(row["answer"])
 
@@ -133,13 +138,13 @@ def _glue(task: str) -> Format:
 
 
 FORMATS: dict[str, Format] = {
-    "mc": Format(("question", "choices", "answer"), _mc),
+    "mc": Format(("question", "choices", "answer"), _mc, image="image"),
     "commonsense_qa": Format(("question", "choices", "answerKey"), _labelled("question")),
     "openbookqa": Format(("question_stem", "choices", "answerKey"), _labelled("question_stem")),
     "social_iqa": Format(("context", "question", "answerA", "answerB", "answerC", "label"), _social_iqa),
-    "science_qa": Format(("question", "choices", "answer", "hint"), _science_qa),
-    "vmcbench": Format(("question", "A", "B", "C", "D", "answer"), _vmcbench),
-    "visual7w": Format(("question", "choices", "answer"), _mc),  # after flattening, see _visual7w_rows
+    "science_qa": Format(("question", "choices", "answer", "hint"), _science_qa, image="image"),
+    "vmcbench": Format(("question", "A", "B", "C", "D", "answer"), _vmcbench, image="image"),
+    "visual7w": Format(("question", "choices", "answer"), _mc, image="image"),  # see _visual7w_rows
     **{f"glue/{t}": _glue(t) for t in GLUE_TASKS},
 }
 _SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -195,41 +200,51 @@ def _visual7w_rows(source: str, role: str) -> Dataset:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a Visual7W telling file ({{'images': [...]}}): {e}") from e
     split = {"train": "train", "eval": "val"}[role]
-    rows: dict[str, list] = {"question": [], "choices": [], "answer": []}
+    rows: dict[str, list] = {"question": [], "choices": [], "answer": [], "image": []}
     for image in images:
         if image["split"] != split:
             continue
         for qa in image["qa_pairs"]:
             choices = [*qa["multiple_choices"], qa["answer"]]
             random.Random(qa["qa_id"]).shuffle(choices)
+            rows["image"].append(str(path.parent / "images" / image["filename"]))
             rows["question"].append(qa["question"])
             rows["choices"].append(choices)
             rows["answer"].append(choices.index(qa["answer"]))
     return Dataset.from_dict(rows)
 
 
-def _convert_batch(batch: dict[str, list], indices: list[int], fmt: Format, where: str) -> dict[str, list]:
-    out: dict[str, list] = {c: [] for c in MC_COLUMNS}
+def _convert_batch(
+    batch: dict[str, list], indices: list[int], fmt: Format, where: str, base: Path | None, images: bool
+) -> dict[str, list]:
+    out: dict[str, list] = {c: [] for c in (*MC_COLUMNS, "image")[: len(MC_COLUMNS) + images]}
+    checked: set[str] = set()  # many questions share an image: read each header once per batch
     for j, i in enumerate(indices):
+        row = {k: v[j] for k, v in batch.items()}
         try:
-            converted = fmt.convert({k: v[j] for k, v in batch.items()})
+            question, choices, answer = fmt.convert(row)
+            image = image_ref(row.get(fmt.image), base) if images else None
         except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{where}: row {i}: {e}") from None
-        if converted is None:
-            continue
-        question, choices, answer = converted
         if not 0 <= answer < len(choices):
             raise ValueError(
                 f"{where}: row {i}: answer index {answer} is out of range for {len(choices)} choices"
             )
+        if image is not None and (image["bytes"] or image["path"] not in checked):
+            open_image(image, f"{where}: row {i}", load=False).close()
+            checked.add(image["path"])
         out["question"].append(question)
         out["choices"].append([str(c) for c in choices])
         out["answer_index"].append(answer)
+        if images:
+            out["image"].append(image)
     return out
 
 
 def read_mc(format: str, source: str, role: str = "train", columns: dict[str, str] | None = None) -> Dataset:
-    """The multiple-choice rows of ``source`` read in ``format``; a one-line ValueError on bad input."""
+    """The multiple-choice rows of ``source`` read in ``format``; a one-line ValueError on bad input.
+
+    Rows have an ``image`` column (a reference, None for a text row) where the format has images."""
     if format not in FORMATS:
         raise ValueError(
             f"unknown data.format {format!r}; choose one of {sorted(FORMATS)}, rotten_tomatoes, bigbench/<task>"
@@ -238,9 +253,11 @@ def read_mc(format: str, source: str, role: str = "train", columns: dict[str, st
     raw = _visual7w_rows(source, role) if format == "visual7w" else read_table(source, role)
     where = f"data.{role} {source}"
     if columns:
-        unknown = sorted(set(columns) - set(fmt.columns))
+        unknown = sorted(set(columns) - {*fmt.columns, fmt.image})
         if unknown:
-            raise ValueError(f"data.columns: {unknown} are not ours; map {list(fmt.columns)} to your names")
+            raise ValueError(
+                f"data.columns: {unknown} are not ours; map {list(fmt.columns)} and image to your names"
+            )
         raw = raw.rename_columns({theirs: ours for ours, theirs in columns.items() if theirs != ours})
     missing = [c for c in fmt.columns if c not in raw.column_names]
     if missing:
@@ -248,12 +265,22 @@ def read_mc(format: str, source: str, role: str = "train", columns: dict[str, st
         raise ValueError(f"{where}: format {format} needs columns {missing}, found {raw.column_names}{hint}")
     if len(raw) == 0:
         raise ValueError(f"{where} has no rows")
+    images = fmt.image in raw.column_names
+    if images and isinstance(raw.features[fmt.image], Image):
+        raw = raw.cast_column(fmt.image, Image(decode=False))  # references, not decoded pictures
+    path = Path(source).expanduser()
+    base = path if path.is_dir() else path.parent if path.is_file() else None
+    features = Features(
+        {"question": Value("string"), "choices": List(Value("string")), "answer_index": Value("int64")}
+        | ({"image": Image(decode=False)} if images else {})
+    )
     return raw.map(
         _convert_batch,
         batched=True,
         with_indices=True,
         remove_columns=raw.column_names,
-        fn_kwargs={"fmt": fmt, "where": where},
+        features=features,
+        fn_kwargs={"fmt": fmt, "where": where, "base": base, "images": images},
         desc=f"reading {format}",
     )
 
@@ -268,21 +295,46 @@ def check_data(data: DataConfig) -> None:
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
-        load_splits(data)
+        load_splits(data, vision=None)  # which rows the model keeps is known once it loads
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
 
 
-def load_splits(data: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(train, eval) rows of a recipe's data section; eval holds at most ``eval_size`` rows."""
+def for_model(ds: Dataset, vision: bool | None, where: str) -> Dataset:
+    """The rows a model trains on: a text model the rows without an image; a vision-language model the
+    rows with one if there are any (every forward then runs the vision tower on every rank, which
+    ZeRO-3's parameter gathering needs), else all rows, text only. ``None``: all rows (no model yet)."""
+    if vision is None or "image" not in ds.column_names:
+        return ds
+    has_image = [ref is not None for ref in ds["image"]]
+    if vision and not any(has_image):
+        return ds.remove_columns("image")
+    keep = [i for i, h in enumerate(has_image) if h == vision]
+    if not keep:
+        raise ValueError(
+            f"{where}: every row has an image, but the model is a text model; "
+            "use a vision-language model (LLaVA) or text data"
+        )
+    ds = ds.select(keep) if len(keep) < len(ds) else ds
+    return ds if vision else ds.remove_columns("image")
+
+
+def load_splits(data: DataConfig, seed: int = 0, vision: bool | None = False) -> tuple[Dataset, Dataset]:
+    """(train, eval) rows of a recipe's data section for a text (or, ``vision``, a vision-language)
+    model, see ``for_model``; eval holds at most ``eval_size`` rows."""
     if data.format.startswith(BUILTIN_DATA):
         from molora_ds.data.multiple_choice import load_mc_splits  # tokenizer code: not needed for files
 
-        return load_mc_splits(data.format, data.eval_size, seed)
-    train = read_mc(data.format, data.train, "train", data.columns)
+        train, evals = load_mc_splits(data.format, data.eval_size, seed)
+        return for_model(train, vision, data.format), for_model(evals, vision, data.format)
+    train = for_model(
+        read_mc(data.format, data.train, "train", data.columns), vision, f"data.train {data.train}"
+    )
     if data.eval:
-        evals = read_mc(data.format, data.eval, "eval", data.columns)
+        evals = for_model(
+            read_mc(data.format, data.eval, "eval", data.columns), vision, f"data.eval {data.eval}"
+        )
         if len(evals) > data.eval_size:
             evals = evals.shuffle(seed=seed).select(range(data.eval_size))
         return train, evals

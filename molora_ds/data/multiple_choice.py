@@ -22,13 +22,18 @@ import random
 import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
-from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
+from datasets import Dataset, Features, Image, List, Value
 
 from molora_ds.data.assets import bigbench_task_json
+
+if TYPE_CHECKING:  # the data readers import this module; transformers loads only with a model
+    from transformers import PreTrainedTokenizerBase
+
+    from molora_ds.data.vision import VisionPrompt
 
 MC_COLUMNS = ("question", "choices", "answer_index")
 PARALLEL_TOKENIZE_ROWS = 50_000
@@ -90,25 +95,59 @@ def rotten_tomatoes() -> tuple[Dataset, list[str]]:
     return ds, df["movie_name"].tolist()
 
 
+# easy-VQA's 13 answers are of three kinds; a question's choices are the answers of its kind.
+EASY_VQA_CHOICES = (
+    ["yes", "no"],
+    ["circle", "rectangle", "triangle"],
+    ["black", "blue", "brown", "gray", "green", "red", "teal", "yellow"],
+)
+
+
+def easy_vqa() -> tuple[Dataset, list[str]]:
+    """easy-VQA's training questions (38,575 on 4,000 64x64 PNG shapes) with their image files, grouped by image."""
+    if importlib.util.find_spec("easy_vqa") is None:
+        raise FileNotFoundError("package easy-vqa is not installed; run `bash scripts/setup.sh`.")
+    import easy_vqa as vqa  # stdlib-only helpers around the bundled files
+
+    questions, answers, image_ids = vqa.get_train_questions()
+    paths = vqa.get_train_image_paths()
+    kinds = [next(c for c in EASY_VQA_CHOICES if a in c) for a in answers]
+    ds = Dataset.from_dict(
+        {
+            "question": questions,
+            "choices": kinds,
+            "answer_index": [c.index(a) for c, a in zip(kinds, answers)],
+            "image": [{"bytes": None, "path": paths[i]} for i in image_ids],
+        },
+        features=Features(
+            {"question": Value("string"), "choices": List(Value("string")),
+             "answer_index": Value("int64"), "image": Image(decode=False)}
+        ),
+    )  # fmt: skip
+    return ds, [str(i) for i in image_ids]
+
+
 def _registry(name: str) -> Callable[[], tuple[Dataset, list[str]]]:
     if name.startswith("bigbench/"):
         return lambda: bigbench_mc(name.removeprefix("bigbench/"))
     if name == "rotten_tomatoes":
         return rotten_tomatoes
+    if name == "easy_vqa":
+        return easy_vqa
     raise ValueError(
-        f"unknown data set {name!r}; use 'rotten_tomatoes' or 'bigbench/<task>' (e.g. 'bigbench/social_iqa')"
+        f"unknown data set {name!r}; use 'rotten_tomatoes', 'easy_vqa' or 'bigbench/<task>' (e.g. 'bigbench/social_iqa')"
     )
 
 
 def load_mc(name: str) -> Dataset:
-    """A multiple-choice data set by name: ``"rotten_tomatoes"`` or ``"bigbench/<task>"``."""
+    """A multiple-choice data set by name: ``"rotten_tomatoes"``, ``"easy_vqa"`` or ``"bigbench/<task>"``."""
     return _registry(name)()[0]
 
 
 def load_mc_splits(name: str, eval_size: int, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Deterministic (train, eval) split with exactly ``eval_size`` eval rows, both in shuffled order.
 
-    Rows of one group (a movie for rotten_tomatoes) never straddle the split, which would leak
+    Rows of one group (a movie for rotten_tomatoes, an image for easy_vqa) never straddle the split, which would leak
     near-duplicate text into eval: whole groups go to eval until it is full, and the rest of the
     group that overflows it is dropped rather than put in train.
     """
@@ -173,34 +212,60 @@ def letter_token_ids(tokenizer: PreTrainedTokenizerBase, n: int = len(LETTERS)) 
 
 
 def encode_prompts(
-    ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int, prompt: str = "lettered"
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    prompt: str = "lettered",
+    vision: VisionPrompt | None = None,
 ) -> list[list[int]]:
     """Prompt token ids, each at most ``max_len``; a long question loses its beginning.
 
     Cutting the question's start keeps the choices and ``Answer:`` the model must see to reply.
+    With ``vision`` (a vision-language model) the prompt goes through its chat template and each
+    image token is expanded as the processor does; those tokens count toward ``max_len``.
     """
     check_mc_columns(ds)
     cols = ds.select_columns(["question", "choices"]).to_dict()  # column-wise: row iteration is slow
+    has_image = [False] * len(ds)
+    if vision is not None and "image" in ds.column_names:
+        has_image = [ref is not None for ref in ds["image"]]
+    return _encode(cols["question"], cols["choices"], has_image, tokenizer, max_len, prompt, vision)
+
+
+def _encode(
+    questions: list[str],
+    choices_of: list[list[str]],
+    has_image: list[bool],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    prompt: str,
+    vision: VisionPrompt | None,
+    reply_len: int = 0,
+) -> list[list[int]]:
+    """Prompt ids as ``encode_prompts`` describes, leaving ``reply_len`` of ``max_len`` for the reply."""
     prompts, spans = [], []
-    for q, choices in zip(cols["question"], cols["choices"]):
-        start = len(_HEADS[prompt])
-        prompts.append(format_prompt(q, choices, prompt))
+    for q, choices, image in zip(questions, choices_of, has_image):
+        before, after = vision.wrap(image) if vision is not None else ("", "")
+        start = len(before) + len(_HEADS[prompt])
+        prompts.append(before + format_prompt(q, choices, prompt) + after)
         spans.append((start, start + len(q)))
     enc = tokenizer(prompts, return_offsets_mapping=True)
     out = []
     for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-        excess = len(ids) - max_len
+        images = ids.count(vision.image_token_id) if vision is not None else 0
+        total = len(ids) + images * (vision.image_tokens - 1 if images else 0)
+        excess = total + reply_len - max_len
         if excess > 0:
             q_start, q_end = spans[i]
             question_tokens = [t for t, (s, e) in enumerate(offsets) if q_start <= s and e <= q_end and e > s]
             if len(question_tokens) < excess:
                 raise ValueError(
-                    f"row {i}: the choices alone need {len(ids) - len(question_tokens)} tokens, "
-                    f"more than max_len={max_len}; raise max_len"
+                    f"row {i} needs {total - len(question_tokens) + reply_len} tokens even without its "
+                    f"question, more than max_len={max_len}; raise max_len"
                 )
             drop = set(question_tokens[:excess])
             ids = [tok for t, tok in enumerate(ids) if t not in drop]
-        out.append(ids)
+        out.append(vision.expand(ids) if images else ids)
     return out
 
 
@@ -220,21 +285,30 @@ def _tokenize_batch(
     max_len: int,
     prompt: str,
     targets: list[list[int]],
+    vision: VisionPrompt | None,
 ) -> dict[str, list]:
     target_len = max(len(t) for t in targets)
-    prompts = encode_prompts(Dataset.from_dict(batch), tokenizer, max_len - target_len, prompt)
+    has_image = [ref is not None for ref in batch.get("image", [None] * len(batch["question"]))]
+    prompts = _encode(
+        batch["question"], batch["choices"], has_image, tokenizer, max_len, prompt, vision, target_len
+    )
     input_ids = [ids + targets[a] for ids, a in zip(prompts, batch["answer_index"])]
     labels = [[-100] * len(ids) + targets[a] for ids, a in zip(prompts, batch["answer_index"])]
     return {"input_ids": input_ids, "labels": labels}
 
 
 def tokenize_mc(
-    ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_len: int, prompt: str = "lettered"
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    prompt: str = "lettered",
+    vision: VisionPrompt | None = None,
 ) -> Dataset:
     """Training examples: ``input_ids`` = prompt + reply + eos, ``labels`` = -100 on the prompt.
 
     Only the reply is learned (a letter, or "The answer is X." for ``prompt="paper"``); the prompt
-    is context. Sequences are at most ``max_len`` tokens. A data set read from files (formats.py)
+    is context, and so is every image token (``vision``: see ``encode_prompts``); a row's ``image``
+    is kept for the batches. Sequences are at most ``max_len`` tokens. A data set read from files (formats.py)
     is tokenised with ``Dataset.map``, whose result datasets caches beside the data under a
     fingerprint of the rows, the tokenizer and these settings: a re-run reuses it.
     """
@@ -242,7 +316,8 @@ def tokenize_mc(
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{type(tokenizer).__name__} has no eos token; set tokenizer.eos_token")
     n_choices = max(len(c) for c in ds.select_columns(["choices"]).to_dict()["choices"])
-    return ds.select_columns(list(MC_COLUMNS)).map(
+    keep = [*MC_COLUMNS, "image"] if vision is not None and "image" in ds.column_names else list(MC_COLUMNS)
+    return ds.select_columns(keep).map(
         _tokenize_batch,
         batched=True,
         batch_size=1000,
@@ -250,7 +325,7 @@ def tokenize_mc(
         num_proc=min(os.cpu_count() or 1, MAX_TOKENIZE_PROCS) if len(ds) >= PARALLEL_TOKENIZE_ROWS else None,
         remove_columns=list(MC_COLUMNS),
         fn_kwargs={"tokenizer": tokenizer, "max_len": max_len, "prompt": prompt,
-                   "targets": _targets(tokenizer, n_choices, prompt)},
+                   "targets": _targets(tokenizer, n_choices, prompt), "vision": vision},
         desc="tokenising",
     )  # fmt: skip
 

@@ -21,6 +21,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoProcessor,
     AutoTokenizer,
     GgufConfig,
     LlamaConfig,
@@ -28,12 +29,13 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from molora_ds.data.assets import asset_dir
 from molora_ds.ds_config import zero_stage
-from molora_ds.models.families import model_class
+from molora_ds.models.families import VISION_LANGUAGE, model_class
 from molora_ds.recipe import ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -191,6 +193,26 @@ def check_model(cfg: ModelConfig) -> None:
     config = model_config(cfg)
     if config is not None:
         model_class(config, cfg.trust_remote_code)
+
+
+def load_processor(cfg: ModelConfig) -> ProcessorMixin | None:
+    """A vision-language model's processor (image processor, tokenizer with the image token, chat
+    template) from the model's folder; None for a text model."""
+    config = model_config(cfg)
+    if config is None or config.model_type not in VISION_LANGUAGE:
+        return None
+    where = resolve(cfg)
+    try:
+        return AutoProcessor.from_pretrained(
+            where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"model {where}: {config.model_type} needs its processor (preprocessor_config.json, tokenizer "
+            f"with the image token) beside the weights; processor.save_pretrained(DIR) writes it ({e})".splitlines()[
+                0
+            ]
+        ) from e
 
 
 def load_model(

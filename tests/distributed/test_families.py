@@ -1,7 +1,7 @@
 """A tiny GlmForCausalLM and a tiny LlavaForConditionalGeneration (CLIP tower + Llama), saved with
 save_pretrained and trained through the path API with launch/train.py on 2 processes, ZeRO-2 and
-ZeRO-3 (the base model then loads partitioned): the loss on a repeated batch falls. The LLaVA run is
-text-only (no image rows yet)."""
+ZeRO-3 (the base model then loads partitioned): the loss on a repeated batch falls. The LLaVA run
+trains on easy-VQA's images (real PNGs of the easy-vqa package), through its processor."""
 
 from __future__ import annotations
 
@@ -38,16 +38,34 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory) -> Path:
+    """8 easy-VQA questions as ``mc`` rows, each with its image's path."""
+    from molora_ds.data.multiple_choice import easy_vqa
+
+    ds = easy_vqa()[0].select(range(0, 80, 10))
+    path = tmp_path_factory.mktemp("vqa") / "train.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"question": q, "choices": c, "answer": a, "image": im["path"]}) + "\n"
+            for q, c, a, im in zip(ds["question"], ds["choices"], ds["answer_index"], ds["image"])
+        )
+    )
+    return path
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("kind", ["glm", "llava"])
-def test_tiny_family_trains_on_two_processes(kind, stage, tmp_path, data_file):
+def test_tiny_family_trains_on_two_processes(kind, stage, tmp_path, data_file, image_file):
     folder = save_tiny(kind, tmp_path / kind)
     out = tmp_path / "run"
     recipe = tmp_path / "recipe.yaml"
+    # LLaVA: 16 image tokens per image count toward max_len; one worker per rank decodes the images.
+    data = data_file if kind == "glm" else image_file
     recipe.write_text(
         f"model: {{name_or_path: {folder}, gradient_checkpointing: true}}\n"
-        f"data: {{format: mc, train: {data_file}, eval: {data_file}, max_len: 64}}\n"
+        f"data: {{format: mc, train: {data}, eval: {data}, max_len: 96, image_workers: 1}}\n"
         "molora: {num_experts: 4, rank: 2, top_k: 2, alpha: 4.0, dropout: 0.0}\n"
         "optim: {method: gradamw, lr: 2.0e-2, gate_lr: 1.0e-3}\n"
         "train: {global_batch: 8, max_micro_batch: 4, max_steps: 4, save_every: 4, log_every: 1}\n"
@@ -59,6 +77,8 @@ def test_tiny_family_trains_on_two_processes(kind, stage, tmp_path, data_file):
     # transformers logs at info level whether from_pretrained ran under zero.Init.
     text = check_ok(run(cmd, env=os.environ | {"TRANSFORMERS_VERBOSITY": "info"}))
     assert re.search(r"4 MoLoRA layers, [\d,]+ trainable", text), text[-2000:]
+    if kind == "llava":
+        assert "8 training rows with an image, 16 image tokens each" in text, text[-2000:]
     loss = losses(out)
     assert sorted(loss) == [1, 2, 3, 4]
     # Every step sees the same 8 rows: the loss falls at every step (from ~ln(vocab) = 10.8, the

@@ -46,9 +46,10 @@ EXPECTED = {
             2,
         ),
     ],  # fmt: skip
-    ("science_qa", "science_qa.jsonl"): [  # the image question is skipped
+    ("science_qa", "science_qa.jsonl"): [  # the image question too (a text model drops it: test_vision)
         ("Which is a mammal?", ["shark", "dolphin", "trout"], 1),
         ("Context: It was summer in the desert.\nWhich word fits the context?", ["hot", "cold"], 0),
+        ("Which state is highlighted?", ["Ohio", "Utah"], 1),
     ],
     ("glue/mnli", "glue_mnli.jsonl"): [
         (
@@ -112,6 +113,9 @@ def test_visual7w_splits_and_shuffles_the_answer_in(data):
     assert rows(read_mc("visual7w", source, "train")) == [(q, choices, answer)]  # the same order each time
     (q, choices, answer), = rows(read_mc("visual7w", source, "eval"))  # fmt: skip
     assert q == "Where is the dog?" and choices[answer] == "On the sofa."
+    assert read_mc("visual7w", source, "eval")["image"] == [
+        {"bytes": None, "path": str(data / "images" / "v7w_2.jpg")}
+    ]
 
 
 def test_held_out_eval_and_separate_eval(data):

@@ -11,16 +11,19 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    CLIPImageProcessor,
     CLIPVisionConfig,
     GlmConfig,
     GlmForCausalLM,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
     T5Config,
 )
 
 from molora_ds import MoLoRAConfig, apply_molora
+from molora_ds.data.vision import LLAVA_CHAT_TEMPLATE
 from molora_ds.inject import adapter_state_dict, molora_layers
 from molora_ds.models.loading import check_model, load_model, smollm2_tokenizer
 from molora_ds.optim import GradientPreconditioner
@@ -55,13 +58,29 @@ def tiny_llava(vocab_size: int) -> LlavaForConditionalGeneration:
     )
 
 
-def save_tiny(kind: str, folder: Path) -> Path:
-    """A tiny model of ``kind`` with SmolLM2's tokenizer, written as a user's model folder."""
+def tiny_llava_processor() -> LlavaProcessor:
+    """The tiny LLaVA's processor: CLIP's image processor at 32 px and SmolLM2's tokenizer with an added
+    ``<image>`` token (id 49152, so the model's vocabulary is 49,153); 16 image tokens per image
+    (4 x 4 patches of 8 px; the CLS feature is dropped, as LLaVA's "default" strategy does), and
+    LLaVA-1.5's chat template."""
     tokenizer = smollm2_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )  # fmt: skip
+
+
+def save_tiny(kind: str, folder: Path) -> Path:
+    """A tiny model of ``kind`` with SmolLM2's tokenizer (LLaVA: and its processor), written as a
+    user's model folder."""
+    processor = tiny_llava_processor() if kind == "llava" else None
+    tokenizer = processor.tokenizer if processor else smollm2_tokenizer()
     torch.manual_seed(0)
     model = {"glm": tiny_glm, "llava": tiny_llava}[kind](len(tokenizer))
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    (processor or tokenizer).save_pretrained(folder)
     return folder
 
 
