@@ -1,6 +1,6 @@
 """Dense vs sparse expert compute of one ``MoLoRALinear``, next to the frozen base layer, with the cost rule's prediction.
 
-    nice -n 10 python bench/bench_experts.py --threads 2      # T=2048, in=out=2048, r=4, E 20..1024, top-k 2 and 8
+    nice -n 10 python bench/bench_experts.py --threads 1      # T=2048, in=out=2048, r=4, E 20..1024, top-k 2 and 8
     python bench/bench_experts.py --quick                     # CI smoke: tiny shapes, 2 repeats
 
 Variants per shape, on one frozen ``nn.Linear`` and the same input (which requires grad, so that the backward

@@ -1,18 +1,26 @@
-"""Only the selected experts: the T*k (token, expert) pairs of a top-k router, grouped by expert.
+"""Only the selected experts: the T*k (token, expert) pairs of a top-k router as one sparse matrix.
 
 The dense path (``experts.py``) multiplies every token by all E experts and lets zero gates drop
-the unselected ones: ``T * E * r * (in + out)`` multiply-adds. Here the pairs are sorted by
-expert (a stable argsort), cut into blocks of ``block`` rows that each belong to one expert
-(an expert's last block is padded with rows whose gate is 0), and every product is one
-``torch.bmm`` over the blocks: ``T * k * r * (in + out)`` multiply-adds, plus moving the pairs'
-rows (``T * k * (in + out)`` elements). Padding a group only to a multiple of ``block``, never
-to the largest group, bounds the waste by ``E * block`` rows whatever the load imbalance.
+the unselected ones: ``T * E * r * (in + out)`` multiply-adds. Here the pairs form a CSR matrix
+``P [T, E*r]`` with ``k*r`` stored entries per row (token t's columns ``e*r .. e*r+r-1`` for each
+selected expert e), and every product is a sparse kernel over it:
 
-Same contract as the dense path (DESIGN.md section 1), gate rescale included: the backward
-weights expert i's gradients to x, A and B by ``sqrt(g_i)`` with ``rescale``, and the gate
-gradient is ``s * <dy, B_i A_i x>`` in both modes. Sums over pairs are gathers and segment
-sums, not ``index_add_``: CUDA's atomics would make the result depend on thread timing, and
-resume is promised bit-exact.
+    h  = (x @ A_cat^T) sampled at P         (SDDMM)   y  = s * P(h*g) @ B_cat        (SpMM)
+    u  = s * (dy @ B_cat) sampled at P      (SDDMM)   dx = P(u*w) @ A_cat            (SpMM)
+    dA_cat = P(u*w)^T @ x,  dB_cat = s * P(h*w)^T @ dy  (SpMM with the transpose of P)
+
+with ``A_cat [E*r, in]`` and ``B_cat [E*r, out]`` the experts' rows stacked. These read each token's
+row of x, dy once and write y, dx once; the first version (tokens grouped by expert into padded bmm
+blocks) copied every pair's ``in + out`` elements, k copies of x and of y, and ran slower than dense
+at E=256, top-8 on CPU (bench/README.md). ``P``'s transpose is the pairs sorted by expert: a stable
+argsort, so each of its rows lists its tokens in order.
+
+Same contract as the dense path (DESIGN.md section 1), gate rescale included: the backward weights
+expert i's gradients to x, A and B by ``w = sqrt(g_i)`` with ``rescale`` (else ``g_i``), and the
+gate gradient is ``s * <dy, B_i A_i x>`` in both modes. No atomics: each output row of a CSR SpMM
+is one sequential sum (run-to-run identical on CPU, tests/unit/test_sparse.py), so resume stays
+bit-exact. MKL's CPU kernels take fp32 and fp64 only: half-precision inputs are computed in fp32 and
+the results cast back (one rounding fewer than a bf16 kernel).
 """
 
 from __future__ import annotations
@@ -21,122 +29,93 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_BLOCK = 64  # rows per bmm block: measured fastest on CPU among 32/64/128 (bench_experts.py)
+KERNEL_DTYPES = (torch.float32, torch.float64)  # what torch's CPU CSR kernels (MKL) implement
 
 
 @dataclass(frozen=True)
-class ExpertBlocks:
-    """Where each (token, slot) pair sits once grouped by expert.
+class PairPlan:
+    """The pattern of ``P [T, E*r]`` and of its transpose.
 
-    ``token [R]``: the token of each padded row (0 on padding rows, whose gate is 0);
-    ``row [T*k]``: the padded row of pair ``t * k + j``; ``expert [nb]``: the expert of each block;
-    ``blocks [E]``: blocks per expert (0 for an expert no token chose).
+    ``crow [T+1]``, ``col [T*k*r]``: P in CSR (row t holds its k experts' r columns, ascending);
+    ``perm [T*k*r]``: P's entries in the transpose's order; ``crow_t [E*r+1]``, ``col_t``: P^T in
+    CSR (row ``e*r+i`` lists the tokens that chose e, ascending; none for an expert no token chose).
     """
 
-    token: torch.Tensor
-    row: torch.Tensor
-    expert: torch.Tensor
-    blocks: torch.Tensor
-    block: int
+    crow: torch.Tensor
+    col: torch.Tensor
+    perm: torch.Tensor
+    crow_t: torch.Tensor
+    col_t: torch.Tensor
+    shape: tuple[int, int]
 
-    @property
-    def num_blocks(self) -> int:
-        return self.expert.numel()
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """P with ``values`` (one per pair and rank index, in P's row order)."""
+        return _csr(self.crow, self.col, values, self.shape)
 
-
-def plan_blocks(indices: torch.Tensor, num_experts: int) -> ExpertBlocks:
-    """Group the pairs of ``indices [T, k]`` (each token's selected experts) by expert.
-
-    The block size is a power of two no larger than the mean pairs per expert (so padding adds at
-    most as many rows as there are pairs) and at most ``MAX_BLOCK``. One host sync: the row count.
-    """
-    pairs = indices.numel()
-    k = indices.shape[-1]
-    mean = max(1, pairs // num_experts)
-    block = min(MAX_BLOCK, 1 << (mean.bit_length() - 1))
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    blocks = (counts + block - 1) // block
-    ends = blocks.cumsum(0)
-    first_row = (ends - blocks) * block
-    first_pair = counts.cumsum(0) - counts
-    expert_sorted = flat[order]
-    position = torch.arange(pairs, device=flat.device)
-    row_sorted = first_row[expert_sorted] + position - first_pair[expert_sorted]
-    num_blocks = int(ends[-1])
-    row = torch.empty_like(row_sorted).scatter_(0, order, row_sorted)
-    token = torch.zeros(num_blocks * block, dtype=torch.long, device=flat.device)
-    token.index_copy_(0, row_sorted, order // k)
-    expert = torch.repeat_interleave(
-        torch.arange(num_experts, device=flat.device), blocks, output_size=num_blocks
-    )
-    return ExpertBlocks(token=token, row=row, expert=expert, blocks=blocks, block=block)
+    def transposed(self, values: torch.Tensor) -> torch.Tensor:
+        """P^T with the same ``values`` (given in P's row order)."""
+        return _csr(self.crow_t, self.col_t, values.index_select(0, self.perm), self.shape[::-1])
 
 
-def _sum_pairs(rows: torch.Tensor, plan: ExpertBlocks, k: int) -> torch.Tensor:
-    """``[R, n]`` padded rows -> ``[T, n]``: each token's k pair rows summed (padding rows dropped)."""
-    return rows.index_select(0, plan.row).unflatten(0, (-1, k)).sum(1)
+def _csr(crow, col, values, shape) -> torch.Tensor:
+    # The plan builds sorted, in-range indices; torch's invariant check would cost a pass each time.
+    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def _sum_blocks(per_block: torch.Tensor, plan: ExpertBlocks) -> torch.Tensor:
-    """``[nb, ...]`` -> ``[E, ...]``: each expert's blocks summed (zeros for an expert without blocks)."""
-    flat = per_block.reshape(plan.num_blocks, -1)
-    summed = torch.segment_reduce(flat, "sum", lengths=plan.blocks, axis=0)
-    return summed.reshape(-1, *per_block.shape[1:])
+def plan_pairs(indices: torch.Tensor, num_experts: int, rank: int) -> PairPlan:
+    """The pattern of the pairs ``indices [T, k]`` (each token's experts, ascending along k)."""
+    tokens, k = indices.shape
+    device = indices.device
+    col = (indices.unsqueeze(-1) * rank + torch.arange(rank, device=device)).reshape(-1)
+    crow = torch.arange(0, tokens * k * rank + 1, k * rank, device=device)
+    perm = torch.argsort(col, stable=True)
+    crow_t = torch.zeros(num_experts * rank + 1, dtype=torch.long, device=device)
+    crow_t[1:] = torch.bincount(col, minlength=num_experts * rank).cumsum(0)
+    col_t = perm.div(k * rank, rounding_mode="floor")  # the token of each entry, in P^T's order
+    return PairPlan(crow, col, perm, crow_t, col_t, (tokens, num_experts * rank))
+
+
+def _sampled(plan: PairPlan, left: torch.Tensor, right_rows: torch.Tensor) -> torch.Tensor:
+    """``(left @ right_rows^T)`` at P's entries, in P's row order."""
+    zeros = plan.matrix(left.new_zeros(plan.col.numel()))
+    return torch.sparse.sampled_addmm(zeros, left, right_rows.T, beta=0.0).values()
 
 
 class SparseMixtureOfLoRAExperts(torch.autograd.Function):
     """``y_t = s * sum_j g_tj B_e A_e x_t`` over each token's k selected experts ``e = idx[t, j]``."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, gates, plan: ExpertBlocks, scaling: float, rescale: bool):  # type: ignore[override]
-        nb, block = plan.num_blocks, plan.block
-        k = gates.shape[-1]
-        xs = x.index_select(0, plan.token).view(nb, block, -1)
-        a_blk, b_blk = lora_a.index_select(0, plan.expert), lora_b.index_select(0, plan.expert)
-        # Products with a dimension of r (4) are written as (small @ big^T)^T: measured 2-3x faster on CPU
-        # than big @ small^T (bench/README.md).
-        h = torch.bmm(a_blk, xs.mT).mT  # [nb, block, r]
-        g_rows = _rows(gates, plan).to(x.dtype)
-        z = torch.bmm(b_blk, (h * g_rows).mT).mT  # [nb, block, out]
-        y = _sum_pairs(z.reshape(nb * block, -1), plan, k).mul_(scaling)
-        ctx.save_for_backward(x, lora_a, lora_b, gates, h)
+    def forward(ctx, x, lora_a, lora_b, gates, plan: PairPlan, scaling: float, rescale: bool):  # type: ignore[override]
+        num_experts, rank, in_features = lora_a.shape
+        a_cat = lora_a.reshape(num_experts * rank, in_features)
+        b_cat = lora_b.transpose(1, 2).reshape(num_experts * rank, -1)
+        h = _sampled(plan, x, a_cat)
+        g = gates.to(x.dtype).repeat_interleave(rank, dim=-1).reshape(-1)
+        y = (plan.matrix(h * g) @ b_cat).mul_(scaling)
+        ctx.save_for_backward(x, lora_a, b_cat, gates, h)
         ctx.plan, ctx.scaling, ctx.rescale = plan, scaling, rescale
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, lora_a, lora_b, gates, h = ctx.saved_tensors
+        x, lora_a, b_cat, gates, h = ctx.saved_tensors
         plan, s = ctx.plan, ctx.scaling
-        nb, block, k = plan.num_blocks, plan.block, gates.shape[-1]
-        a_blk, b_blk = lora_a.index_select(0, plan.expert), lora_b.index_select(0, plan.expert)
-        dys = dy.index_select(0, plan.token).view(nb, block, -1)  # padding rows read token 0; weight 0
-        u = torch.bmm(b_blk.mT, dys.mT).mT.mul_(s)  # d loss / d (h * g)
+        num_experts, rank, in_features = lora_a.shape
+        u = _sampled(plan, dy, b_cat).mul_(s)  # d loss / d (h * g)
         d_gates = None
         if ctx.needs_input_grad[3]:
-            per_row = (u.to(gates.dtype) * h.to(gates.dtype)).sum(-1).flatten()
-            d_gates = per_row.index_select(0, plan.row).view_as(gates)
-        g_rows = _rows(gates, plan)
-        w_rows = (g_rows.sqrt() if ctx.rescale else g_rows).to(x.dtype)
-        dh = u.mul_(w_rows)
-        dx = None
+            d_gates = (u * h).view(*gates.shape, rank).sum(-1).to(gates.dtype)
+        g = gates.repeat_interleave(rank, dim=-1).reshape(-1)
+        w = (g.sqrt() if ctx.rescale else g).to(x.dtype)
+        dh = u.mul_(w)
+        dx = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = _sum_pairs(torch.bmm(a_blk.mT, dh.mT).mT.reshape(nb * block, -1), plan, k)
-        da = db = None
+            dx = plan.matrix(dh) @ lora_a.reshape(num_experts * rank, in_features)
         if ctx.needs_input_grad[1]:
-            xs = x.index_select(0, plan.token).view(nb, block, -1)  # gathered again, not kept: [T*k, in]
-            da = _sum_blocks(torch.bmm(dh.mT, xs), plan)
+            da = (plan.transposed(dh) @ x).view_as(lora_a)
         if ctx.needs_input_grad[2]:
-            db = _sum_blocks(torch.bmm((h * w_rows).mT, dys).mT, plan).mul_(s)
+            db = (plan.transposed(h * w) @ dy).mul_(s).view(num_experts, rank, -1).transpose(1, 2)
         return dx, da, db, d_gates, None, None, None
-
-
-def _rows(gates: torch.Tensor, plan: ExpertBlocks) -> torch.Tensor:
-    """``[T, k]`` per-pair values -> ``[nb, block, 1]`` in padded row order, 0 on padding rows."""
-    rows = gates.new_zeros(plan.token.numel())
-    rows.index_copy_(0, plan.row, gates.reshape(-1))
-    return rows.view(plan.num_blocks, plan.block, 1)
 
 
 def sparse_mixture_of_lora_experts(
@@ -154,18 +133,22 @@ def sparse_mixture_of_lora_experts(
     if torch.is_autocast_enabled(device):  # as in the dense path: cast before the Function
         dtype = torch.get_autocast_dtype(device)
         x, lora_a, lora_b = x.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-    indices = gates.detach().topk(top_k, dim=-1).indices
-    plan = plan_blocks(indices, lora_a.shape[0])
+    out_dtype = x.dtype
+    if x.dtype not in KERNEL_DTYPES:
+        x, lora_a, lora_b = x.float(), lora_a.float(), lora_b.float()
+    indices = gates.detach().topk(top_k, dim=-1).indices.sort(dim=-1).values  # CSR: ascending columns
+    plan = plan_pairs(indices, lora_a.shape[0], lora_a.shape[1])
     selected = gates.gather(-1, indices)  # differentiable: the router's gradient flows back here
-    return SparseMixtureOfLoRAExperts.apply(x, lora_a, lora_b, selected, plan, scaling, rescale)
+    y = SparseMixtureOfLoRAExperts.apply(x, lora_a, lora_b, selected, plan, scaling, rescale)
+    return y.to(out_dtype)
 
 
 # Sparse wins when E > SPARSE_FACTOR * k: the dense path does E*r multiply-adds per token and
-# (in + out) element, the sparse one k*r in bmm blocks of r=4 columns (several times slower per
-# multiply-add than one wide matmul) plus moving each pair's in + out elements. CPU: the crossover
-# bench/bench_experts.py measured (its "fit" column, 55-100 at E >= 256; bench/README.md). CUDA: not
-# measured (no GPU so far); the same rule until it is.
-SPARSE_FACTOR = {"cpu": 64.0, "cuda": 64.0}
+# (in + out) element at full GEMM speed, the sparse one k*r at the memory-bound speed of the CSR
+# kernels (several times slower per multiply-add). CPU: bench/bench_experts.py on this machine
+# (bench/README.md) has sparse ahead at E/k = 8 and 10 and behind at E/k = 2.5, so the factor sits
+# between 2.5 and 8. CUDA: not measured (no GPU so far); the same rule until it is.
+SPARSE_FACTOR = {"cpu": 4.0, "cuda": 4.0}
 
 
 def use_sparse(num_experts: int, top_k: int, device: torch.device) -> bool:
