@@ -160,7 +160,6 @@ def execute(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "reproduce_recipe.yaml").write_text(yaml.safe_dump(recipe(scale, run, data), sort_keys=False))
     results = folder / "results.json"
-    t0 = time.perf_counter()
     if not (results.is_file() and json.loads(results.read_text()).get("status") == "finished"):
         cmd = [*launcher, "launch/train.py", "--config", scale.ds_config, "--recipe",
                str(folder / "reproduce_recipe.yaml"), "--output-dir", str(folder), "--resume", "auto"]  # fmt: skip
@@ -182,7 +181,8 @@ def execute(
         "eval_questions": res["accuracy_after"]["n"],
         "loss": [r["loss"] for r in rows],
         "skipped_steps": res["skipped_steps"],
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        # the steps' own time: a run read back or resumed after an interruption reports the same
+        "train_seconds": round(sum(r["seconds"] for r in rows), 1),
         "versions": versions(),
         "hardware": hardware(),
     }
