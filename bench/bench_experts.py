@@ -24,7 +24,7 @@ import statistics
 import sys
 
 import torch
-from bench_layer import make_step, peak_memory_mb, time_step_ms
+from bench_layer import make_step, peak_memory_mb, round_robin_ms
 from torch import nn
 
 from molora_ds import MoLoRALinear
@@ -67,15 +67,7 @@ def run_shape(args, experts: int, top_k: int, device, dtype) -> dict:
     dy = torch.randn(args.tokens, args.features, device=device, dtype=dtype)
     check_same_math(variants["dense"], variants["sparse"], x)
     steps = {name: make_step(module, x, dy) for name, module in variants.items()}
-    names = list(steps)
-    for _ in range(args.warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(args.repeats):
-        for i in range(len(names)):
-            name = names[(round_ + i) % len(names)]
-            times[name].append(time_step_ms(steps[name], device))
+    times = round_robin_ms(steps, args.warmup, args.repeats, device)
     med = {name: statistics.median(t) for name, t in times.items()}
     peak = {name: peak_memory_mb(steps[name], device) for name in ("dense", "sparse")}
     adapter = {name: max(med[name] - med["base"], 1e-3) for name in ("dense", "sparse")}

@@ -250,16 +250,23 @@ def run_shape(
     dy = torch.randn(shape.tokens, shape.features, device=device, dtype=dtype)
     check_same_math(variants["expert loop (reference)"], variants["ours (MoLoRALinear)"], x)
     steps = {name: make_step(module, x, dy) for name, module in variants.items()}
+    times = round_robin_ms(steps, args.warmup, args.repeats, device)
+    return [Result(name, times[name], peak_memory_mb(steps[name], device)) for name in steps]
+
+
+def round_robin_ms(steps: dict, warmup: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Times of each step, in rounds that run every variant once, each round starting one later:
+    on a shared machine a slow spell then hits every variant, not the one that happened to run."""
     names = list(steps)
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         for name in names:
             steps[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(args.repeats):
+    for round_ in range(repeats):
         for i in range(len(names)):
             name = names[(round_ + i) % len(names)]
             times[name].append(time_step_ms(steps[name], device))
-    return [Result(name, times[name], peak_memory_mb(steps[name], device)) for name in names]
+    return times
 
 
 def print_table(shape: Shape, results: list[Result]) -> None:
