@@ -169,8 +169,9 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over the global batch; the loss is the mean over all its target tokens.
 
-        The host waits for the device twice a step (the target count that scales the loss, and the
-        all-ranks non-finite flag before the update), never per micro-batch.
+        The host waits for the device a fixed few times a step (the target count that scales the loss,
+        the all-ranks non-finite flag before the update, the logged loss and grad norms), never per
+        micro-batch.
         """
         t0 = time.perf_counter()
         batches = self._micro_batches(self.step)
