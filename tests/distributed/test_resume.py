@@ -390,7 +390,11 @@ def test_a_run_folder_is_refused_moved_aside_then_resumed_with_a_changed_recipe(
 def test_ctrl_c_saves_and_exits_cleanly_and_a_second_one_aborts(tmp_path):
     """Issue 9.3: Ctrl-C (SIGINT) gave a traceback and lost every step since the last save. The first
     one now saves at the end of the step and exits 0; a second one ends the process at once, unsaved.
-    A global batch of 64 makes a step take seconds, so the second SIGINT lands inside it."""
+
+    The resumed run's first Ctrl-C is sent a quarter of a step after a step ended, so it lands inside
+    the next step whatever the machine's speed (sent right at the boundary, the save could finish
+    before the second one: CI saw that once). The run is frozen (SIGSTOP) while the test reads the
+    newest checkpoint and sends the second Ctrl-C, so nothing can be saved between the two."""
     out = tmp_path / "run"
     extra = (
         "--set",
@@ -413,9 +417,15 @@ def test_ctrl_c_saves_and_exits_cleanly_and_a_second_one_aborts(tmp_path):
 
     proc = start(out, 0, nproc=1, extra=(*extra, "--resume", "auto"))
     wait_until(proc, lambda: last_step(out) > stopped, "a step after the resume")
+    time.sleep(metrics(out)[-1]["seconds"] / 4)
     proc.send_signal(signal.SIGINT)
     wait_until(proc, lambda: "Ctrl-C again aborts" in output(proc), "the first Ctrl-C's message")
+    proc.send_signal(signal.SIGSTOP)
+    saved = newest_complete(out)
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     rc, text = finish(proc, timeout=30)
     assert rc == -signal.SIGINT, f"exit code {rc}:\n{text[-3000:]}"
-    assert resumed_step(text) == stopped and newest_complete(out) == stopped, "the aborted run saved"
+    assert resumed_step(text) == stopped, "resumed the wrong step"
+    assert saved == stopped, "the step in flight ended and saved before the second Ctrl-C"
+    assert newest_complete(out) == stopped, "the aborted run saved"
