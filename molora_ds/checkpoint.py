@@ -16,6 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -251,6 +253,28 @@ def _client_state(meta: dict) -> dict:
     return state
 
 
+@contextmanager
+def _without_frozen_aliases(module: torch.nn.Module) -> Iterator[None]:
+    """While saving, the module's state dict leaves out every frozen parameter under any name.
+
+    DeepSpeed's ``exclude_frozen_parameters`` drops frozen weights by the names ``named_parameters()``
+    gives, which lists a tied weight once: its alias (a tied lm_head, 113 MB for SmolLM2) stayed.
+    Entries are matched by storage; empty ones (ZeRO-3 partitions) are left to DeepSpeed."""
+    frozen = {
+        p.untyped_storage().data_ptr() for p in module.parameters() if not p.requires_grad and p.numel()
+    }
+
+    def drop(_module, state: dict, _prefix, _metadata) -> None:
+        for key in [k for k, v in state.items() if v.numel() and v.untyped_storage().data_ptr() in frozen]:
+            del state[key]
+
+    handle = module.register_state_dict_post_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def save(engine, root: Path, step: int, meta: dict, keep_last: int, experts=None) -> Path:
     """Collective: every rank writes its shards, then rank 0 marks the folder complete.
 
@@ -264,15 +288,16 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int, experts=None
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(
-        str(root),
-        tag=tag,
-        client_state=_client_state(meta),
-        save_latest=False,
-        # Only what training changes: the frozen base (18 GB for GLM-4-9B under ZeRO 0-2) comes
-        # from its own files at every start, and must not eat the preemption signal's margin.
-        exclude_frozen_parameters=True,
-    )
+    with _without_frozen_aliases(engine.module):
+        engine.save_checkpoint(
+            str(root),
+            tag=tag,
+            client_state=_client_state(meta),
+            save_latest=False,
+            # Only what training changes: the frozen base (18 GB for GLM-4-9B under ZeRO 0-2) comes
+            # from its own files at every start, and must not eat the preemption signal's margin.
+            exclude_frozen_parameters=True,
+        )
     if experts is not None:
         save_expert_shards(engine.module, root / tag, experts)
     dist.barrier()
