@@ -129,6 +129,22 @@ def sparse_mixture_of_lora_experts(
 ) -> torch.Tensor:
     """Same arguments and result as ``mixture_of_lora_experts`` (dense ``gates [T, E]``, zeros off the
     top k), computing only the top_k selected experts per token."""
+    indices = gates.detach().topk(top_k, dim=-1).indices.sort(dim=-1).values  # CSR: ascending columns
+    selected = gates.gather(-1, indices)  # differentiable: the router's gradient flows back here
+    return selected_lora_experts(x, lora_a, lora_b, selected, indices, scaling, rescale)
+
+
+def selected_lora_experts(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    selected: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: float,
+    rescale: bool,
+) -> torch.Tensor:
+    """``y_t = s * sum_j selected[t, j] B_e A_e x_t`` with ``e = indices[t, j]`` (``[T, k]`` each, indices
+    ascending along k): the pairs given explicitly (token dispatch hands over one pair per row)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):  # as in the dense path: cast before the Function
         dtype = torch.get_autocast_dtype(device)
@@ -136,9 +152,7 @@ def sparse_mixture_of_lora_experts(
     out_dtype = x.dtype
     if x.dtype not in KERNEL_DTYPES:
         x, lora_a, lora_b = x.float(), lora_a.float(), lora_b.float()
-    indices = gates.detach().topk(top_k, dim=-1).indices.sort(dim=-1).values  # CSR: ascending columns
     plan = plan_pairs(indices, lora_a.shape[0], lora_a.shape[1])
-    selected = gates.gather(-1, indices)  # differentiable: the router's gradient flows back here
     y = SparseMixtureOfLoRAExperts.apply(x, lora_a, lora_b, selected, plan, scaling, rescale)
     return y.to(out_dtype)
 

@@ -3,8 +3,8 @@
     torchrun --nproc_per_node 2 tests/distributed/ep_layer_worker.py OUT.pt
 
 The router is set so that no token selects experts 2 and 3, which rank 1 owns: that rank computes
-nothing for its own experts, yet takes part in every collective. Rank 0 writes, for the dense and
-the sparse path, the output and the gradients of x, the router and the full A and B (its shard's
+nothing for its own experts (under token dispatch it receives no pair), yet takes part in every
+collective. Rank 0 writes, for weight gather with the dense and the sparse path and for token dispatch, the output and the gradients of x, the router and the full A and B (its shard's
 and rank 1's, gathered), and the same from an unsharded copy of the layer computed on rank 0 alone.
 """
 
@@ -39,7 +39,11 @@ def main(out: str) -> int:
     torch.manual_seed(0)
     x, dy = torch.randn(TOKENS, IN, dtype=torch.float64).abs(), torch.randn(TOKENS, OUT, dtype=torch.float64)
     results = {}
-    for compute in ("dense", "sparse"):
+    for name, compute, dispatch in (
+        ("dense", "dense", False),
+        ("sparse", "sparse", False),
+        ("dispatch", "sparse", True),
+    ):
         torch.manual_seed(1)
         layer = MoLoRALinear(
             nn.Linear(IN, OUT, dtype=torch.float64), EXPERTS, RANK, TOP_K, alpha=4.0, expert_compute=compute
@@ -50,10 +54,10 @@ def main(out: str) -> int:
             layer.router.weight[2:] = -100 * layer.router.weight[:2].abs().sum(0)  # x >= 0: experts 2, 3 lose
         full = copy.deepcopy(layer)
         ep = ExpertGroup(2)
-        layer.shard_experts(ep)
-        results[compute] = run(layer, x, dy, ep)
-        results[compute + "_reference"] = run(full, x, dy, None)
-        results[compute + "_load"] = layer.expert_load
+        layer.shard_experts(ep, dispatch)
+        results[name] = run(layer, x, dy, ep)
+        results[name + "_reference"] = run(full, x, dy, None)
+        results[name + "_load"] = layer.expert_load
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()
