@@ -14,7 +14,9 @@ on every rank of the EP group, with this rank's tokens and the replicated router
 Steps 2 and 3 are differentiable: ``_AllToAll``'s backward is the reverse all-to-all, so dy's rows
 travel to the experts' ranks and dx's and the gates' gradients back, and the local A and B receive the
 gradient of every rank's pairs routed to them (the sum the weight gather's reduce-scatter forms). Gate
-rescale acts inside the pair computation, as on one process.
+rescale acts inside the pair computation, as on one process. Under autocast the rows travel in the
+autocast dtype, x's and the results' alike (half the bytes): each pair's result is rounded before a
+token's k are summed, where one process rounds the sum once, a difference within that dtype's precision.
 """
 
 from __future__ import annotations
