@@ -75,7 +75,17 @@ class Trainer:
         self.layer_names = apply_molora(self.model, recipe.molora)
         ep = recipe.molora.expert_parallel_size
         layers = molora_layers(self.model)
-        self.experts = expert_parallel.shard_experts(self.model, layers, ep) if ep > 1 else None
+        self.experts = None
+        if ep > 1:  # auto mode decides per layer for the most tokens a micro-batch can hold
+            tokens = self.micro * recipe.data.max_len
+            self.experts = expert_parallel.shard_experts(
+                self.model, layers, ep, recipe.molora.expert_parallel_mode, tokens
+            )
+            dispatched = sum(layer.dispatch for layer in layers.values())
+            self._log(
+                f"expert parallelism over {ep} ranks ({recipe.molora.expert_parallel_mode}, {tokens} tokens per "
+                f"micro-batch): {len(layers) - dispatched} layers gather their experts, {dispatched} dispatch tokens"
+            )
         # from_pretrained returns a model in eval mode, a config-built one is in train mode: say which,
         # so that the base model's own dropout does not depend on the loader.
         self.model.train()
