@@ -143,7 +143,9 @@ def check_run_folder(
     if resume_from is not None:
         check_resume_target(resume_from, out)
         checkpoint.check_stage(resume_from, zero_stage(ds_config))
-        checkpoint.check_expert_parallel(resume_from, recipe.molora.expert_parallel_size, world)
+        checkpoint.check_expert_parallel(
+            resume_from, recipe.molora.expert_parallel_size, world, zero_stage(ds_config)
+        )
         notes += resume_notes(resume_from, recipe)
     elif args.resume:
         notes.append(f"--resume {args.resume}: no checkpoint in {out} yet, starting at step 0")

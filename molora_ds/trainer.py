@@ -118,10 +118,13 @@ class Trainer:
         # By label: DeepSpeed renames the expert-parallel group in initialize.
         self.base_lrs = {expert_parallel.group_label(g): g["lr"] for g in self.optimizer.param_groups}
 
-        # Resume target first: another process count needs the universal format, set before initialize.
+        # Resume target first: another process count or expert-parallel size needs the universal format,
+        # set before initialize.
         self.ckpt_root = self.run_dir / "checkpoints"
-        if self.resume_from and checkpoint.read_meta(self.resume_from)["world_size"] != self.world:
-            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        if self.resume_from:
+            saved = checkpoint.read_meta(self.resume_from)
+            if (saved["world_size"], saved.get("expert_parallel_size", 1)) != (self.world, ep):
+                self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=self.ds_config

@@ -19,7 +19,10 @@ DeepSpeed's conventions, all kept here:
 - parameter tags: ``param.allreduce = False`` and ``param.group_name = <group name>``;
 - the optimizer's expert param group is named after the group and marked ``"moe": True``;
 - the engine turns its MoE handling on only when the model holds a ``deepspeed.moe.layer.MoE``:
-  ``shard_experts`` adds an empty one (``_engine_moe_flag``) that holds no parameter and no expert.
+  ``shard_experts`` adds an empty one (``_engine_moe_flag``) that holds no parameter and no expert;
+- checkpoints: ZeRO-1/2 saves each rank's partition of its groups, the expert group partitioned over
+  the EDP group (``shard_ranks``); in a universal checkpoint a tensor tagged ``universal_expert_tags``
+  holds all E experts and loads as the loading rank's E/ep (``checkpoint.merge_expert_parallel``).
 """
 
 from __future__ import annotations
@@ -171,6 +174,20 @@ def shard_experts(
             p.group_name = ep.name
     model.add_module("expert_parallel_flag", _engine_moe_flag(ep))
     return ep
+
+
+def shard_ranks(ep_rank: int, size: int, world: int) -> list[int]:
+    """The global ranks that hold expert shard ``ep_rank``, in their EDP group's order (EP groups of
+    consecutive ranks, EDP groups strided: ``_create_expert_and_data_parallel``'s layout)."""
+    return list(range(ep_rank, world, size))
+
+
+def universal_expert_tags(num_experts: int) -> dict:
+    """The keys that mark a universal checkpoint's tensor as all ``num_experts`` experts stacked on dim 0:
+    DeepSpeed's universal load then gives each rank its EP rank's slice (``ExpertGroup.shard``'s)."""
+    from deepspeed.checkpoint.constants import EP_IS_EXPERT_PARAM, EP_NUM_EXPERTS
+
+    return {EP_IS_EXPERT_PARAM: True, EP_NUM_EXPERTS: num_experts}
 
 
 def is_expert_shard(p: torch.Tensor) -> bool:
