@@ -373,7 +373,9 @@ def test_expert_parallel_sigkill_resume_is_exact(reference, tmp_path):
 # summed), but after the resume the gradients are summed in another order than the uninterrupted run's
 # (EP=2: all-reduce inside the EP group, then DeepSpeed's reduction over the EDP group; EP=1: DeepSpeed's
 # over all ranks; 1 process: a micro-batch sum), so UNIVERSAL_TOL's fp32 budget applies, as for another
-# process count. Measured: the losses equal to the last bit on 2 processes (the adapters within 7.5e-9).
+# process count (a mix-up of the Adam moments of two expert shards is off by 1e-3 at the second step). On
+# 2 processes the first resumed step is a forward with the same arithmetic on the restored weights: exact.
+# Measured: on 2 processes all the losses came out equal to the last bit (the adapters within 7.5e-9).
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("saved", "resumed", "nproc"),
@@ -391,6 +393,8 @@ def test_expert_parallel_resume_on_another_layout(saved, resumed, nproc, referen
     assert "to a universal checkpoint" in text
     assert resumed_step(text) == at
     assert_same_trajectory(out, ref, from_step=at, tol=UNIVERSAL_TOL)
+    if nproc == 2:  # step 5's loss is a forward on the restored weights, the same arithmetic: exact
+        assert losses(out)[at + 1] == ref["losses"][at + 1]
     meta = checkpoint.read_meta(checkpoint.find_latest(out / "checkpoints"))
     assert (meta["expert_parallel_size"], meta["world_size"]) == (resumed, nproc)
 
