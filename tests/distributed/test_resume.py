@@ -346,6 +346,7 @@ def ep(size: int) -> tuple[str, ...]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~50 s; same-layout EP resume is also covered by test_expert_parallel::test_resume_with_expert_parallelism
 def test_expert_parallel_sigkill_resume_is_exact(reference, tmp_path):
     """EP=2 killed (SIGKILL to the launcher and every rank) a step past a complete checkpoint, then
     ``--resume auto`` on the same layout: each rank's expert shard and ZeRO partition load back as saved,
