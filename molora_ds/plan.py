@@ -93,6 +93,24 @@ def _text_config(config: PretrainedConfig) -> PretrainedConfig:
     return getattr(config, "text_config", None) or config
 
 
+def _adapter_bytes(layers: dict[str, nn.Module], act_bytes: int) -> int:
+    """Bytes per token that autograd saves in ``layers`` (MoLoRA layers), summed; see ``activation_bytes``."""
+    total = 0
+    inputs_seen: set[tuple[str, int]] = set()
+    for name, layer in layers.items():
+        index = re.search(r"\.(\d+)\.", name)
+        block = name[: index.end()] if index else name
+        sibling = ("q_proj", "k_proj", "v_proj") if name.endswith(("q_proj", "k_proj", "v_proj")) else (name,)
+        key = (block + "/".join(sibling), layer.in_features)
+        shared = 0 if key in inputs_seen else act_bytes * layer.in_features
+        inputs_seen.add(key)
+        dropout = 2 * act_bytes * layer.in_features if isinstance(layer.dropout, nn.Dropout) else 0
+        e = layer.num_experts
+        router = 16 * e + 20 * layer.top_k + 4
+        total += shared + dropout + router + act_bytes * e * layer.rank
+    return total
+
+
 def activation_bytes(
     model: nn.Module, config: PretrainedConfig, micro: int, seq: int, act_bytes: int, checkpointing: bool
 ) -> int:
@@ -105,6 +123,7 @@ def activation_bytes(
 
         2 RMSNorms:       2 * (4h + 8)           their input upcast to fp32, the variance, 1/rms
         attention (SDPA): a * 4 n d + 4 n        q, k, v (repeated), output; log-sum-exp (fp32)
+                          + a * seq              its own float copy of the boolean padding mask
         MLP:              a * 3f                 gate pre-activation, its SiLU, up
         per MoLoRA layer: a * in  (router input; shared by the q/k/v of one layer)
                           + 2a * in              the dropped-out input and its mask (a float mask
@@ -113,38 +132,67 @@ def activation_bytes(
                                                  top-k values (fp32) and indices (int64, twice); sum
                           + a * E r              A x
 
-    plus, once per micro-batch, the attention mask (4 * micro * seq^2 bytes), RoPE's cos and sin
-    (8 * seq * d) and the logits at the answer positions (micro * min(micro, seq) * vocab * (a + 8):
-    logits, fp32 copy, their gradient).
+    plus, once per micro-batch, RoPE's cos and sin (8 * seq * d) and the logits at the answer
+    positions (micro * min(micro, seq) * vocab * (a + 8): logits, fp32 copy, their gradient).
     The backward holds one layer's worth again as gradients in flight. With gradient checkpointing
     (per decoder layer) each layer keeps only its input (a * h per token) and one layer at a time
-    is recomputed, so the total is  L * a * h * tokens + 2 * (one layer) + mask + logits.
+    is recomputed, so the total is  L * a * h * tokens + 2 * (one layer) + RoPE + logits.
+    A vision-language model's text layers are counted so (its ``seq`` includes the image tokens);
+    MoLoRA layers in its vision tower add ``vision_activation_bytes``.
     """
     text = _text_config(config)
     h, f, n = text.hidden_size, text.intermediate_size, text.num_attention_heads
     d = getattr(text, "head_dim", None) or h // n
     num_layers = text.num_hidden_layers
-    per_token = 2 * (4 * h + 8) + act_bytes * 4 * n * d + 4 * n + act_bytes * 3 * f
-    adapter_per_layer = 0
-    inputs_seen: set[tuple[str, int]] = set()
-    for name, layer in molora_layers(model).items():
-        index = re.search(r"\.(\d+)\.", name)
-        block = name[: index.end()] if index else name
-        sibling = ("q_proj", "k_proj", "v_proj") if name.endswith(("q_proj", "k_proj", "v_proj")) else (name,)
-        key = (block + "/".join(sibling), layer.in_features)
-        shared = 0 if key in inputs_seen else act_bytes * layer.in_features
-        inputs_seen.add(key)
-        dropout = 2 * act_bytes * layer.in_features if isinstance(layer.dropout, nn.Dropout) else 0
-        e = layer.num_experts
-        router = 16 * e + 20 * layer.top_k + 4
-        adapter_per_layer += shared + dropout + router + act_bytes * e * layer.rank
-    adapter_per_token = adapter_per_layer / num_layers  # the adapted layers' share, spread evenly
+    per_token = 2 * (4 * h + 8) + act_bytes * (4 * n * d + seq) + 4 * n + act_bytes * 3 * f
+    layers = molora_layers(model)
+    vision = {k: v for k, v in layers.items() if ".vision_tower." in f".{k}"}
+    text_layers = {k: v for k, v in layers.items() if k not in vision}
+    adapter_per_token = _adapter_bytes(text_layers, act_bytes) / num_layers  # spread evenly
     tokens = micro * seq
     one_layer = (per_token + adapter_per_token) * tokens
-    fixed = 4 * micro * seq * seq + 8 * seq * d + micro * min(micro, seq) * text.vocab_size * (act_bytes + 8)
+    fixed = 8 * seq * d + micro * min(micro, seq) * text.vocab_size * (act_bytes + 8)
+    if vision:
+        fixed += vision_activation_bytes(config, vision, micro, act_bytes, checkpointing)
     if checkpointing:
         return int(num_layers * act_bytes * h * tokens + 2 * one_layer + fixed)
     return int((num_layers + 1) * one_layer + fixed)
+
+
+def vision_activation_bytes(
+    config: PretrainedConfig, layers: dict[str, nn.Module], images: int, act_bytes: int, checkpointing: bool
+) -> int:
+    """What a LLaVA's CLIP tower with MoLoRA ``layers`` (``molora.include_vision``) keeps for backward.
+
+    Each of ``images`` images is (image_size / patch)^2 patches + 1 class token, through all the
+    tower's layers: the features come from ``vision_feature_layer`` (-2), but the last layer runs too
+    and transformers 5.x keeps the tower's output in the model's output (``image_outputs``), so its
+    saved tensors live until the forward returns, when the text model's are all saved. Per layer and
+    image token, with the tower's hidden h, heads n, intermediate f (CLIPEncoderLayer: pre-norm
+    attention and MLP; the residual adds save nothing):
+
+        2 LayerNorms:     2 * (a h + 8)          input; mean and 1/std (fp32)
+        attention (SDPA): a * 4h + 4n            q, k, v, output; log-sum-exp (fp32)
+        MLP:              a * 2f                 fc1's output and quick_gelu's sigmoid (a * f for gelu)
+        MoLoRA layers:    as in ``activation_bytes``, per image token
+
+    plus the projector's GELU input (a * text hidden per patch; the class token is dropped first).
+    With gradient checkpointing each layer saves only its input (a * h per image token); its
+    recomputation comes after the text model's backward, whose two layers in flight are the peak.
+    A frozen tower (no MoLoRA layers in it) saves nothing: it only holds one layer's intermediates
+    and its hidden states while it runs, before the text model starts (LLaVA-1.5-7B: ~40 MB per
+    image), below the text model's peak, so it is not counted.
+    """
+    v = config.vision_config
+    h, f, n, depth = v.hidden_size, v.intermediate_size, v.num_attention_heads, v.num_hidden_layers
+    patches = (v.image_size // v.patch_size) ** 2
+    tokens = images * (patches + 1)
+    projector = act_bytes * images * patches * _text_config(config).hidden_size
+    if checkpointing:
+        return depth * act_bytes * h * tokens + projector
+    mlp = act_bytes * (2 if v.hidden_act == "quick_gelu" else 1) * f
+    per_token = 2 * (act_bytes * h + 8) + act_bytes * 4 * h + 4 * n + mlp
+    return depth * per_token * tokens + _adapter_bytes(layers, act_bytes) * tokens + projector
 
 
 @dataclass
