@@ -69,7 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     plan.add_argument(
         "--seq-len", type=int, help="tokens per sequence (default: data.max_len, image tokens included)"
     )
-    plan.add_argument("--checkpointing", action="store_true", help="plan with gradient checkpointing")
+    plan.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="plan with gradient checkpointing (on when the recipe's model.gradient_checkpointing is)",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
@@ -204,8 +208,9 @@ def dry_run(args: argparse.Namespace, recipe, ds_config: dict, world: int, micro
     seq_len = args.seq_len or recipe.data.max_len  # image tokens included
     bf16 = ds_config.get("bf16", {}).get("enabled", False) in (True, "auto")
     model = plan.meta_model(config)
+    checkpointing = args.checkpointing or recipe.model.gradient_checkpointing
     result = plan.memory_plan(
-        recipe, ds_config, world, micro, seq_len, bf16, gpu_memory, args.checkpointing, model=model
+        recipe, ds_config, world, micro, seq_len, bf16, gpu_memory, checkpointing, model=model
     )
     print(json.dumps(result.to_dict()) if args.json else plan.format_plan(result))
     return 0

@@ -240,6 +240,14 @@ def test_dry_run_json_for_glm(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"] is False
 
 
+def test_dry_run_plans_the_recipes_gradient_checkpointing(capsys):
+    recipe = ROOT / "recipes" / "paper_visual7w.yaml"  # model.gradient_checkpointing: true
+    argv = ["--config", str(ROOT / "ds_configs/zero2.json"), "--recipe", str(recipe), "--dry-run", "--json"]
+    assert launch_train.main([*argv, "--world-size", "8", "--set", "model.name_or_path=llava-1.5-7b"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["per_gpu_bytes"]["activations"] == plan["activations_bytes"]["with_checkpointing"]
+
+
 def test_dry_run_bad_input_is_one_line(capsys):
     argv = ["--config", str(ROOT / "ds_configs/zero2.json"), "--recipe", str(GLM_RECIPE), "--dry-run"]
     assert launch_train.main([*argv, "--world-size", "7"]) == 2
