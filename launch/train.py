@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     plan.add_argument("--world-size", type=int, help="ranks to plan for (default: this launch's)")
     plan.add_argument("--gpu-memory", default="80GB", help="GPU size to check against (default: %(default)s)")
     plan.add_argument(
+        "--gpus-per-node", type=int, default=8, help="ranks per node, for host memory (default: 8)"
+    )
+    plan.add_argument(
         "--seq-len", type=int, help="tokens per sequence (default: data.max_len, image tokens included)"
     )
     plan.add_argument(
@@ -210,7 +213,7 @@ def dry_run(args: argparse.Namespace, recipe, ds_config: dict, world: int, micro
     model = plan.meta_model(config)
     checkpointing = args.checkpointing or recipe.model.gradient_checkpointing
     result = plan.memory_plan(
-        recipe, ds_config, world, micro, seq_len, bf16, gpu_memory, checkpointing, model=model
+        recipe, ds_config, world, micro, seq_len, bf16, gpu_memory, checkpointing, model, args.gpus_per_node
     )
     print(json.dumps(result.to_dict()) if args.json else plan.format_plan(result))
     return 0

@@ -209,6 +209,9 @@ class MemoryPlan:
     per_gpu_bytes: dict[str, int]
     activations_bytes: dict[str, int]
     cpu_offload_bytes: int
+    host_bytes_per_rank: dict[str, int]
+    gpus_per_node: int
+    host_bytes_per_node: int
     gpu_memory_bytes: int
     gpu_reserve_bytes: int
     fits: bool
@@ -238,6 +241,7 @@ def memory_plan(
     gpu_memory: int,
     checkpointing: bool = False,
     model: nn.Module | None = None,
+    gpus_per_node: int = 8,
 ) -> MemoryPlan:
     """The per-rank memory of ``recipe`` under the DeepSpeed config ``ds`` on ``world`` ranks.
 
@@ -259,6 +263,9 @@ def memory_plan(
         forward copies    each layer's B stacked as [out, E r] (a copy, s bytes) kept for backward
         activations       ``activation_bytes``
         build peak excess how far building the model peaks above the rest (``_build_peak``)
+
+    and in host memory per node (``host_bytes``): its ranks' offloaded state and DeepSpeed's
+    pinned staging buffers, or the model's load if that is larger.
     """
     model = model if model is not None else meta_model(model_config(recipe.model))
     if not molora_layers(model):
@@ -287,6 +294,7 @@ def memory_plan(
         # first, but one CPU run of bench/bench_plan.py held two (freed by the garbage collector).
         buffers = 2 if overlap and z < 3 else 1
         bucket = buffers * _zero_option(ds, "reduce_bucket_size", 5e8) * (4 if z == 1 else s)
+    per_rank_batch = recipe.train.global_batch // world
     opt = recipe.optim
     state_per_param = (8 if opt.is_adam else 4 * (opt.momentum > 0)) + (4 if bf16 or z >= 1 else 0)
     optimizer = state_per_param * p.trainable / optimizer_shards
@@ -304,6 +312,16 @@ def memory_plan(
     if _offloaded(ds, "offload_param") and z == 3:
         offload += base + adapter - s * gathered
         base, adapter = s * gathered, 0
+    load_dtype = recipe.model.dtype  # "auto": the checkpoint's, as config.json names it
+    if load_dtype == "auto":
+        load_dtype = str(getattr(model.config, "dtype", None)).removeprefix("torch.")
+    load = {"float32": 4, "bfloat16": 2, "float16": 2}.get(load_dtype, 4) * p.base
+    host = host_bytes(ds, p, layers, world, s, offload, per_rank_batch // micro, load)
+    ranks = min(world, gpus_per_node)
+    if z == 3:  # rank 0 loads; with offload_param, zero.Init puts every rank's shard on the host meanwhile
+        host_node = ranks * host["offload"] + host["load"]
+    else:  # the loaded weights move to the GPU before DeepSpeed allocates the offloaded state
+        host_node = ranks * max(host["offload"], host["load"])
     parts = {
         "base_weights": base,
         "adapter_weights": adapter,
@@ -321,7 +339,6 @@ def memory_plan(
     def fits(total: int) -> bool:
         return total + GPU_RESERVE <= gpu_memory
 
-    per_rank_batch = recipe.train.global_batch // world
     candidates = [m for m in range(1, per_rank_batch + 1) if per_rank_batch % m == 0]
     largest = None
     for m in candidates:
@@ -339,12 +356,46 @@ def memory_plan(
         per_gpu_bytes=parts,
         activations_bytes={"without_checkpointing": acts[False], "with_checkpointing": acts[True]},
         cpu_offload_bytes=int(offload),
+        host_bytes_per_rank=host,
+        gpus_per_node=gpus_per_node,
+        host_bytes_per_node=int(host_node),
         gpu_memory_bytes=gpu_memory,
         gpu_reserve_bytes=GPU_RESERVE,
         fits=fits(parts["total"]),
         largest_micro_batch=largest,
         deepspeed_estimate_bytes=deepspeed_estimate(p, z, world, ds),
     )
+
+
+def host_bytes(
+    ds: dict, p: Params, layers: list, world: int, s: int, offload: float, accumulation: int, load: int
+) -> dict[str, int]:
+    """Host (CPU) bytes of one rank: ``offload``, what it holds while training, and ``load``, what
+    loading the model costs it (rank 0 only under ZeRO-3).
+
+    Offload: ``cpu_offload_bytes`` plus, under ZeRO-1/2 with ``offload_optimizer``, DeepSpeed's
+    staging buffers (pinned when ``pin_memory``): a 16-bit copy of the rank's parameter shard
+    (s P_t / w), one gradient buffer of the largest trainable parameter, and with gradient
+    accumulation the 16-bit gradients of the rank's shard (s P_t / w). ZeRO-3's own buffers are
+    not counted.
+
+    Load (transformers 5.x ``from_pretrained``): without ZeRO-3 every rank builds the model on the
+    meta device and takes each weight from the memory-mapped safetensors, in the load dtype
+    (``model.dtype``: float32 unless the recipe says otherwise), so it holds the whole base
+    (``load`` = b P_b, b its bytes) until DeepSpeed moves it to the GPU, before the optimizer is
+    built. When the checkpoint is already in that dtype the tensors are the file's mapped pages,
+    which the node's ranks share (one copy per node, page cache); a conversion (a bf16 checkpoint
+    loaded in float32, LLaVA-1.5's fp16 in bf16) gives each rank its own copy, the figure counted
+    here. Under ZeRO-3 the model is built inside ``zero.Init`` (partitioned; on the GPU, or on the
+    host with ``offload_param``) and only rank 0 maps the checkpoint and copies it in layer by
+    layer: about the checkpoint's size on the first node, counted as b P_b.
+    """
+    z = int(ds.get("zero_optimization", {}).get("stage", 0))
+    staging = 0
+    if _offloaded(ds, "offload_optimizer") and z in (1, 2):
+        largest = max(max(m.lora_A.numel(), m.lora_B.numel(), m.router.weight.numel()) for m in layers)
+        staging = s * p.trainable / world * (2 if accumulation > 1 else 1) + s * largest
+    return {"offload": int(offload + staging), "load": load}
 
 
 def _build_peak(recipe: Recipe, model: nn.Module, p: Params) -> int:
@@ -409,6 +460,9 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  activations without / with gradient checkpointing: {gib(acts['without_checkpointing']).strip()} / "
         f"{gib(acts['with_checkpointing']).strip()}",
         f"  offloaded to CPU per rank: {gib(plan.cpu_offload_bytes).strip()}",
+        f"  host memory per node of {plan.gpus_per_node} GPUs: {gib(plan.host_bytes_per_node).strip()} "
+        f"(per rank: {gib(plan.host_bytes_per_rank['offload']).strip()} offloaded state and staging buffers, "
+        f"{gib(plan.host_bytes_per_rank['load']).strip()} while loading the model)",
         f"{'fits' if plan.fits else 'does NOT fit'} in {plan.gpu_memory_bytes / GIB:.0f} GiB; largest micro-batch "
         f"that fits: {plan.largest_micro_batch or 'none'}",
     ]

@@ -95,6 +95,44 @@ def test_zero2_and_zero3_budgets_by_hand():
     assert z2.deepspeed_estimate_bytes > 1.9 * (parts["total"] - parts["activations"])
 
 
+def test_host_memory_per_node_by_hand():
+    """Host bytes per node: ZeRO-2 with offload_optimizer holds the offloaded state and DeepSpeed's
+    staging buffers per rank, or the whole base per rank while loading (float32, the recipe's
+    default load dtype), whichever is larger; ZeRO-3 loads on rank 0 only."""
+    recipe = load_recipe(GLM_RECIPE)
+    model = meta_model(model_config("glm-4-9b"))
+    apply_molora(model, recipe.molora)
+    p = count_params(model, persistence_threshold=0)
+    offload = {"offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    w, micro = 16, 5  # 80 / 16 = 5 per rank: no gradient accumulation
+    z2 = memory_plan(
+        recipe, {"zero_optimization": {"stage": 2} | offload}, w, micro, 256, True, 80 * GIB, model=model
+    )
+    largest = 20 * 4 * 4096  # lora_A [E, r, 4096] of q/k/v, as large as q's B
+    staging = int(2 * p.trainable / w + 2 * largest)  # bf16 parameter shard, one gradient buffer
+    assert z2.host_bytes_per_rank == {"offload": int(z2.cpu_offload_bytes + staging), "load": 4 * p.base}
+    assert z2.host_bytes_per_node == 8 * 4 * p.base  # loading is the larger: 35 GiB a rank
+    half = memory_plan(
+        recipe,
+        {"zero_optimization": {"stage": 2} | offload},
+        w,
+        1,
+        256,
+        True,
+        80 * GIB,
+        model=model,
+        gpus_per_node=4,
+    )
+    assert half.host_bytes_per_rank["offload"] == int(
+        half.cpu_offload_bytes + 2 * 2 * p.trainable / w + 2 * largest
+    )
+    assert half.host_bytes_per_node == 4 * 4 * p.base
+    z3 = memory_plan(
+        recipe, {"zero_optimization": {"stage": 3} | offload}, w, micro, 256, True, 80 * GIB, model=model
+    )
+    assert z3.host_bytes_per_node == 8 * z3.cpu_offload_bytes + 4 * p.base
+
+
 @pytest.mark.parametrize("hidden,intermediate", [(64, 128), (256, 768)])
 def test_activation_formula_bounds_what_autograd_saves(hidden, intermediate):
     """Every tensor autograd keeps for backward (parameters and the adapters' forward copies
