@@ -134,14 +134,15 @@ def write_splits(scale: Scale, task: str, work: Path) -> dict[str, Path]:
     return paths
 
 
-def recipe(scale: Scale, run: Run, data: dict[str, Path]) -> dict:
+def recipe(scale: Scale, run: Run, data: dict[str, Path], optim: dict | None = None) -> dict:
+    """The run's recipe; ``optim`` (default: ``METHODS[run.method]``) names the optimizer settings."""
     e, k, r = run.experts
     return {
         "model": scale.model,
         "data": {"format": "mc", "train": str(data["train"]), "eval": str(data[run.split]), "max_len": scale.max_len},
         "molora": {"num_experts": e, "top_k": k, "rank": r, "alpha": 4.0 * r, "dropout": 0.05,
                    "target_modules": list(scale.targets)},
-        "optim": METHODS[run.method] | {"lr": run.lr, "gate_lr": scale.gate_lr},
+        "optim": (optim or METHODS[run.method]) | {"lr": run.lr, "gate_lr": scale.gate_lr},
         "train": {"global_batch": scale.global_batch, "max_micro_batch": 8, "max_steps": scale.steps,
                   "seed": run.seed, "save_every": max(10, scale.steps // 4), "keep_last": 1,
                   "log_every": max(1, scale.steps // 10)},
@@ -150,19 +151,34 @@ def recipe(scale: Scale, run: Run, data: dict[str, Path]) -> dict:
 
 
 def execute(
-    scale: Scale, run: Run, data: dict[str, Path], work: Path, out: Path, launcher: list[str]
+    scale: Scale,
+    run: Run,
+    data: dict[str, Path],
+    work: Path,
+    out: Path,
+    launcher: list[str],
+    optim: dict | None = None,
+    entry: list[str] | None = None,
 ) -> dict:
-    """Train (or resume, or read back) one run; returns its summary, also written to ``out/runs``."""
+    """Train (or resume, or read back) one run; returns its summary, also written to ``out/runs``.
+
+    ``entry``: the training script and its first arguments (default: ``launch/train.py --config``
+    the scale's DeepSpeed config); it gets ``--recipe --output-dir --resume auto`` and must write
+    ``results.json`` and ``metrics.jsonl`` as the trainer does.
+    """
     summary_path = out / "runs" / f"{run.name}.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
     folder = work / "runs" / run.name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "reproduce_recipe.yaml").write_text(yaml.safe_dump(recipe(scale, run, data), sort_keys=False))
+    (folder / "reproduce_recipe.yaml").write_text(
+        yaml.safe_dump(recipe(scale, run, data, optim), sort_keys=False)
+    )
     results = folder / "results.json"
     if not (results.is_file() and json.loads(results.read_text()).get("status") == "finished"):
-        cmd = [*launcher, "launch/train.py", "--config", scale.ds_config, "--recipe",
-               str(folder / "reproduce_recipe.yaml"), "--output-dir", str(folder), "--resume", "auto"]  # fmt: skip
+        entry = entry or ["launch/train.py", "--config", scale.ds_config]
+        cmd = [*launcher, *entry, "--recipe", str(folder / "reproduce_recipe.yaml"), "--output-dir", str(folder),
+               "--resume", "auto"]  # fmt: skip
         with (folder / "log.txt").open("a") as log:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
@@ -183,6 +199,8 @@ def execute(
         "skipped_steps": res["skipped_steps"],
         # the steps' own time: a run read back or resumed after an interruption reports the same
         "train_seconds": round(sum(r["seconds"] for r in rows), 1),
+        "step_seconds_median": round(statistics.median(r["seconds"] for r in rows), 3),
+        "trainable_params": res.get("trainable_params"),
         "versions": versions(),
         "hardware": hardware(),
     }
@@ -240,9 +258,14 @@ def chosen_lrs(scale: Scale, results: list[dict]) -> dict[tuple[str, str], float
             if len(grid) == 1:
                 out[task, base] = grid[0]
                 continue
-            acc = {r["lr"]: r["accuracy_after"] for r in results if r["task"] == task and r["method"] == base}
-            out[task, base] = max(sorted(acc), key=lambda lr: acc[lr])
+            out[task, base] = best_lr(results, task, base)
     return out
+
+
+def best_lr(results: list[dict], task: str, method: str) -> float:
+    """The lr of ``method``'s best accuracy on ``task`` among ``results`` (ties: the smaller lr)."""
+    acc = {r["lr"]: r["accuracy_after"] for r in results if r["task"] == task and r["method"] == method}
+    return max(sorted(acc), key=lambda lr: acc[lr])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -291,6 +291,7 @@ class Trainer:
                 results["accuracy_after"] = self.evaluate()
             self.export_adapter()
         results |= {"status": status, "step": self.step, "skipped_steps": self.bad_steps}
+        results["trainable_params"] = self.trainable
         if self.rank == 0:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         self.metrics.close()
