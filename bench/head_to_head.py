@@ -3,6 +3,7 @@
     python bench/head_to_head.py              # small: SmolLM2-135M, Rotten Tomatoes, 100 steps of 8, lr grid on val
     python bench/head_to_head.py --quick      # 12 steps, one lr, 40 questions (a few minutes; CI)
     python bench/head_to_head.py --seeds 3    # more seeds on the test split (the lr choice stays the first seed's)
+    python bench/head_to_head.py --report     # table and plot from the runs finished so far
 
 Contenders (``CONTENDERS``), all on q_proj / v_proj with alpha / r = 4, dropout 0.05, AdamW betas, eps and weight
 decay of our defaults, the recipe's linear lr decay:
@@ -21,9 +22,11 @@ back, not rerun), so an interrupted comparison continues where it stopped. The b
 script (``--contender``), a training loop with the trainer's data order, loss, lr schedule, dropout seeds and
 evaluation (``molora_ds.eval.mc_accuracy``, log-likelihood over the answer letters). The lr of each lora contender,
 and of ours, is the grid value with the method's own best accuracy on the validation split; the loop contender, the
-same method as ours, takes ours'. Wall-clock: each step's own time (batching, forward, backward, update), summed over
-the run and as a median per step (robust to bursts of other jobs on a shared machine).
-Outputs in ``--out`` (docs/results/head_to_head/<scale>/): a JSON per run, ``table.md``, ``head_to_head.png``.
+same method as ours, takes ours'. Cost: each step's own time (batching, forward, backward, update), wall-clock summed
+over the run and as a median per step, and the training process's CPU time per step (all its threads), which other
+jobs on a shared machine barely change with one thread per process (``--threads``, default 1; wall time
+there swings by 2x and more).
+Outputs in ``--out`` (docs/results/head_to_head/<scale>/): a JSON per run (``runs/``), ``table.md``, ``head_to_head.png``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -40,11 +44,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from reproduce import SCALES, SMALL_GRIDS, Run, best_lr, execute, write_splits  # bench/ is on sys.path
+from reproduce import (  # bench/ is on sys.path
+    SCALES,
+    SMALL_GRIDS,
+    Run,
+    Scale,
+    before_training,
+    best_lr,
+    execute,
+    write_splits,
+)
 from torch import nn
 
 from molora_ds.config import MoLoRAConfig
 from molora_ds.modules.molora import MoLoRALinear
+from molora_ds.recipe import Recipe, load_recipe
 
 OURS, LOOP = "molora+gradamw", "loop-molora+gradamw"
 # contender -> the recipe's optim section (lr, betas, eps, weight decay; method for ours and the loop)
@@ -52,12 +66,12 @@ CONTENDERS = {
     OURS: {"method": "gradamw"},
     "lora+adamw": {"method": "adamw"},
     "lora+peft-riemannian": {"method": "radamw"},
-    LOOP: {"method": "gradamw"},  # after ours: it takes ours' lr
+    LOOP: {"method": "gradamw"},
 }
 GRID_CONTENDERS = ("lora+adamw", "lora+peft-riemannian", OURS)  # the loop takes ours' lr
 
 
-def scale_for(name: str, seeds: int) -> object:
+def scale_for(name: str, seeds: int) -> Scale:
     """reproduce.py's scale, cut to its first task and (E, k, r), one AdamW-family lr grid for all."""
     s = SCALES[name]
     grid = s.grids["adamw"] if name == "quick" else SMALL_GRIDS["adamw"]
@@ -84,7 +98,7 @@ def matched_rank(model: nn.Module, cfg: MoLoRAConfig) -> int:
     return max(1, round(ours / per_rank))
 
 
-def build_lora(model: nn.Module, recipe, riemannian: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build_lora(model: nn.Module, recipe: Recipe, riemannian: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
     from peft import LoraConfig, get_peft_model
 
     m, o = recipe.molora, recipe.optim
@@ -133,7 +147,7 @@ class ExpertLoopLinear(nn.Module):
         return y + delta.reshape(y.shape)
 
 
-def build_loop(model: nn.Module, recipe) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build_loop(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, torch.optim.Optimizer]:
     from molora_ds.inject import apply_molora, molora_layers
     from molora_ds.optim.optimizers import MoLoRAAdamW
 
@@ -172,7 +186,6 @@ def train_contender(name: str, recipe_path: Path, out: Path, resume: bool) -> in
     from molora_ds.ds_config import plan_batches
     from molora_ds.eval import logits_at, mc_accuracy
     from molora_ds.models.loading import load_model
-    from molora_ds.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     train, data = recipe.train, recipe.data
@@ -215,7 +228,7 @@ def train_contender(name: str, recipe_path: Path, out: Path, resume: bool) -> in
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
 
     for step in range(state["step"], train.max_steps):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         factor = train.lr_factor(step)
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr * factor
@@ -241,7 +254,7 @@ def train_contender(name: str, recipe_path: Path, out: Path, resume: bool) -> in
         seconds = time.perf_counter() - t0
         tokens = sum(int(b["attention_mask"].sum()) for b in parts)
         metrics.append({"step": step + 1, "loss": loss_sum / targets, "tokens_per_s": tokens / seconds,
-                        "seconds": seconds, "skipped": int(bad)})  # fmt: skip
+                        "seconds": seconds, "cpu_seconds": time.process_time() - cpu0, "skipped": int(bad)})  # fmt: skip
         skipped += bad
         if skipped >= train.max_bad_steps:
             print(f"error: loss was non-finite in {skipped} steps; lower optim.lr", file=sys.stderr)
@@ -265,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="12 steps, one lr, 40 questions")
     p.add_argument("--seeds", type=int, default=1, help="seeds on the test split (default: %(default)s)")
+    p.add_argument(
+        "--report", action="store_true", help="write the table and plot from the runs finished so far"
+    )
     p.add_argument("--model", help="another model than the scale's (e.g. tiny-llama, for tests)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads per training process (default: %(default)s)"
+    )
     p.add_argument("--launcher", default=sys.executable)
     p.add_argument("--work-dir", default="runs/head_to_head", help="run folders (checkpoints; not committed)")
     p.add_argument("--out", default="docs/results/head_to_head", help="summaries, table and plot")
@@ -284,87 +303,109 @@ def main(argv: list[str] | None = None) -> int:
         scale = dataclasses.replace(scale, model=args.model)
     work, out = Path(args.work_dir) / name, Path(args.out) / name
     launcher = shlex.split(args.launcher)
+    # With one thread a process's CPU time is its compute; with more, threads that spin-wait for a core the
+    # machine's other jobs hold count too (seen: 8x between two runs of the same contender).
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.report:
+        write_report(
+            scale, name, [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))], out
+        )
+        return 0
     grid = scale.grids["adamw"]
     t0 = time.perf_counter()
 
     def run(r: Run) -> dict:
         entry = None if r.method == OURS else ["bench/head_to_head.py", "--contender", r.method]
-        summary = execute(scale, r, data[r.task], work, out, launcher, CONTENDERS[r.method], entry)
+        # The adapters start as the base model (B = 0): one evaluation before training (ours, test) says it all.
+        sections = {"optim": CONTENDERS[r.method], "eval": {"before": r.method == OURS and r.split == "test"}}
+        summary = execute(scale, r, data[r.task], work, out, launcher, sections, entry)
         print(f"[{(time.perf_counter() - t0) / 60:.0f} min] {r.name}: accuracy {summary['accuracy_after']:.3f}, "
               f"{summary['train_seconds']:.0f} s", flush=True)  # fmt: skip
         return summary
 
     data = {task: write_splits(scale, task, work) for task in scale.tasks}
     seed, experts = scale.seeds[0], scale.experts[0]
-    lrs, val, test = {}, [], []
-    for c in CONTENDERS:  # contender by contender: an interrupted comparison has whole rows
-        for t in scale.tasks:
-            if c == LOOP:
-                lrs[t, c] = lrs[t, OURS]
-            elif len(grid) > 1:
-                val += [run(Run(t, experts, c, seed, lr, "val")) for lr in grid]
-                lrs[t, c] = best_lr(val, t, c)
-            else:
-                lrs[t, c] = grid[0]
-            test += [run(Run(t, experts, c, s, lrs[t, c], "test")) for s in scale.seeds]
-    write_report(scale, name, test, val, out)
+    # The grid's middle lr first, all contenders side by side at it, then the others: an interrupted comparison
+    # has compared every contender at one lr, and each lr's runs ran close in time (similar machine load).
+    order = sorted(grid, key=lambda lr: abs(grid.index(lr) - (len(grid) - 1) / 2)) if len(grid) > 1 else []
+    val = [
+        run(Run(t, experts, c, seed, lr, "val")) for t in scale.tasks for lr in order for c in GRID_CONTENDERS
+    ]
+    lrs = {(t, c): best_lr(val, t, c) if val else grid[0] for t in scale.tasks for c in GRID_CONTENDERS}
+    lrs |= {(t, LOOP): lrs[t, OURS] for t in scale.tasks}  # the same method as ours
+    test = [run(Run(t, experts, c, s, lrs[t, c], "test")) for t in scale.tasks for s in scale.seeds
+            for c in CONTENDERS]  # fmt: skip
+    write_report(scale, name, val + test, out)
     print(f"results: {out}")
     return 0
 
 
-def write_report(scale, name: str, test: list[dict], val: list[dict], out: Path) -> None:
-    """table.md and head_to_head.png: test accuracy and wall-clock per contender, ours as the reference."""
+def write_report(scale: Scale, name: str, summaries: list[dict], out: Path) -> None:
+    """table.md and head_to_head.png from the runs' summaries (a contender without a test run yet shows its grid)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    mean = statistics.mean
+    test = [r for r in summaries if r["split"] == "test"]
     rows = []
     for c in CONTENDERS:
         runs = [r for r in test if r["method"] == c]
-        grid = {r["lr"]: r["accuracy_after"] for r in val if r["method"] == c}
-        rows.append({
-            "contender": c,
-            "params": runs[0].get("trainable_params"),
-            "lr": runs[0]["lr"],
-            "grid": "as ours" if c == LOOP else ", ".join(f"{lr:g}: {a:.3f}" for lr, a in sorted(grid.items())),
-            "accuracy": [r["accuracy_after"] for r in runs],
-            "seconds": [r["train_seconds"] for r in runs],
-            "per_step": [r["step_seconds_median"] for r in runs],
-        })  # fmt: skip
-    ours = next(r for r in rows if r["contender"] == OURS)
-    mean = statistics.mean
+        grid = {r["lr"]: r["accuracy_after"] for r in summaries if r["method"] == c and r["split"] == "val"}
+        if runs or grid:
+            rows.append({
+                "contender": c,
+                "grid": "as ours" if c == LOOP else ", ".join(f"{lr:g}: {a:.3f}" for lr, a in sorted(grid.items())),
+                "lr": f"{runs[0]['lr']:g}" if runs else "pending",
+                "params": f"{runs[0]['trainable_params']:,}" if runs else "",
+                "accuracy": [r["accuracy_after"] for r in runs],
+                "seconds": [r["train_seconds"] for r in runs],
+                "wall": [r["step_seconds_median"] for r in runs],
+                "cpu": [r["step_cpu_seconds_median"] for r in runs],
+            })  # fmt: skip
+    ours_cpu = next((mean(r["cpu"]) for r in rows if r["contender"] == OURS and r["cpu"]), math.nan)
+    cell = lambda xs, f: (
+        (f"{mean(xs):{f}}" + (f" ± {statistics.stdev(xs):{f}}" if len(xs) > 1 else "")) if xs else ""
+    )  # noqa: E731
     lines = [
         f"Scale `{name}`: {scale.model}, {scale.tasks[0]}, {scale.steps} steps of {scale.global_batch}, seeds "
-        f"{list(scale.seeds)}, {test[0]['eval_questions']} test questions; accuracy before training "
-        f"{test[0]['accuracy_before']:.3f}. Hardware: {test[0]['hardware']} (shared with other jobs, whose load "
-        "changed from run to run: per-step medians are the fairer timing).",
+        f"{list(scale.seeds)}; {test[0]['eval_questions'] if test else '?'} test questions, accuracy before "
+        f"training: {before_training(test) or 'not measured'}. Hardware: {summaries[0]['hardware']}, shared with "
+        "other jobs whose load changed from run to run: the wall times say little, the CPU seconds (all threads of "
+        "the training process) are the comparable cost.",
         "",
-        "| contender | trainable params | lr (validation accuracy over the grid) | test accuracy | train s | "
-        "s/step (median) | s/step / ours |",
-        "|---|---|---|---|---|---|---|",
+        "| contender | trainable params | lr chosen (validation accuracy per lr) | test accuracy | train s (wall) | "
+        "s/step wall (median) | CPU s/step (median) | CPU / ours |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        acc = r["accuracy"]
-        spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
+        ratio = f"{mean(r['cpu']) / ours_cpu:.2f}" if r["cpu"] else ""
         lines.append(
-            f"| {r['contender']} | {r['params']:,} | {r['lr']:g} ({r['grid'] or 'no grid'}) | "
-            f"{mean(acc):.3f}{spread} | {mean(r['seconds']):.0f} | {mean(r['per_step']):.2f} | "
-            f"{mean(r['per_step']) / mean(ours['per_step']):.2f} |"
+            f"| {r['contender']} | {r['params']} | {r['lr']} ({r['grid'] or 'no grid'}) | {cell(r['accuracy'], '.3f')} "
+            f"| {cell(r['seconds'], '.0f')} | {cell(r['wall'], '.2f')} | {cell(r['cpu'], '.2f')} | {ratio} |"
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
+    done = [r for r in rows if r["accuracy"]]
+    if not done:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = [r["contender"] for r in rows]
-    for ax, key, label in ((axes[0], "accuracy", "test accuracy"), (axes[1], "per_step", "seconds per step")):
-        values = [r[key] for r in rows]
+    names = [r["contender"] for r in done]
+    colors = ["tab:orange" if n == OURS else "tab:blue" if n == LOOP else "tab:gray" for n in names]
+    for ax, key, label in (
+        (axes[0], "accuracy", "test accuracy"),
+        (axes[1], "cpu", "CPU seconds per step (median)"),
+    ):
+        values = [r[key] for r in done]
         ax.bar(names, [mean(v) for v in values], yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
-               capsize=3, color=["tab:orange", "tab:gray", "tab:gray", "tab:blue"])  # fmt: skip
-        ax.set(ylabel=label, title=f"{scale.tasks[0]}, {scale.steps} steps")
+               capsize=3, color=colors)  # fmt: skip
+        ax.set(ylabel=label, title=f"{scale.tasks[0]}, {scale.steps} steps of {scale.global_batch}")
         ax.tick_params(axis="x", rotation=20)
-    axes[0].axhline(test[0]["accuracy_before"] or 0, color="k", lw=0.8, ls="--", label="before training")
-    axes[0].legend()
+    for before in {r["accuracy_before"] for r in test} - {None}:
+        axes[0].axhline(before, color="k", lw=0.8, ls="--", label="before training")
+        axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "head_to_head.png", dpi=100)
     plt.close(fig)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -134,20 +135,22 @@ def write_splits(scale: Scale, task: str, work: Path) -> dict[str, Path]:
     return paths
 
 
-def recipe(scale: Scale, run: Run, data: dict[str, Path], optim: dict | None = None) -> dict:
-    """The run's recipe; ``optim`` (default: ``METHODS[run.method]``) names the optimizer settings."""
+def recipe(scale: Scale, run: Run, data: dict[str, Path], sections: dict | None = None) -> dict:
+    """The run's recipe; ``sections`` add to or replace its keys, e.g. ``{"eval": {"before": False}}``."""
     e, k, r = run.experts
-    return {
+    base = {
         "model": scale.model,
         "data": {"format": "mc", "train": str(data["train"]), "eval": str(data[run.split]), "max_len": scale.max_len},
         "molora": {"num_experts": e, "top_k": k, "rank": r, "alpha": 4.0 * r, "dropout": 0.05,
                    "target_modules": list(scale.targets)},
-        "optim": (optim or METHODS[run.method]) | {"lr": run.lr, "gate_lr": scale.gate_lr},
+        "optim": METHODS.get(run.method, {}) | {"lr": run.lr, "gate_lr": scale.gate_lr},
         "train": {"global_batch": scale.global_batch, "max_micro_batch": 8, "max_steps": scale.steps,
                   "seed": run.seed, "save_every": max(10, scale.steps // 4), "keep_last": 1,
                   "log_every": max(1, scale.steps // 10)},
         "eval": {"method": "loglik", "batch_size": 16},
     }  # fmt: skip
+    sections = sections or {}
+    return {key: value | sections[key] if key in sections else value for key, value in base.items()}
 
 
 def execute(
@@ -157,7 +160,7 @@ def execute(
     work: Path,
     out: Path,
     launcher: list[str],
-    optim: dict | None = None,
+    sections: dict | None = None,
     entry: list[str] | None = None,
 ) -> dict:
     """Train (or resume, or read back) one run; returns its summary, also written to ``out/runs``.
@@ -172,7 +175,7 @@ def execute(
     folder = work / "runs" / run.name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "reproduce_recipe.yaml").write_text(
-        yaml.safe_dump(recipe(scale, run, data, optim), sort_keys=False)
+        yaml.safe_dump(recipe(scale, run, data, sections), sort_keys=False)
     )
     results = folder / "results.json"
     if not (results.is_file() and json.loads(results.read_text()).get("status") == "finished"):
@@ -200,6 +203,8 @@ def execute(
         # the steps' own time: a run read back or resumed after an interruption reports the same
         "train_seconds": round(sum(r["seconds"] for r in rows), 1),
         "step_seconds_median": round(statistics.median(r["seconds"] for r in rows), 3),
+        # CPU time of the training process (all threads): what a shared machine's other jobs barely change
+        "step_cpu_seconds_median": round(statistics.median(r.get("cpu_seconds", math.nan) for r in rows), 3),
         "trainable_params": res.get("trainable_params"),
         "versions": versions(),
         "hardware": hardware(),
@@ -319,7 +324,7 @@ def write_report(
     configs = sorted({tuple(r["experts"].values()) for r in results})
     lines = [f"Scale `{name}`: {scale.model}, {scale.steps} steps of {scale.global_batch}, "
              f"seeds {list(scale.seeds)}; test accuracy after training, mean ± sd over seeds "
-             f"(before training: {_before(results)}).", ""]  # fmt: skip
+             f"(before training: {before_training(results)}).", ""]  # fmt: skip
     head = "| method | " + " | ".join(f"{t} E{e}k{k}r{r}" for t in scale.tasks for e, k, r in configs) + " |"
     lines += [head, "|" + "---|" * (1 + len(scale.tasks) * len(configs))]
     for method in [m for pair in PAIRS for m in pair]:
@@ -342,7 +347,7 @@ def write_report(
     _plots(scale, results, out)
 
 
-def _before(results: list[dict]) -> str:
+def before_training(results: list[dict]) -> str:
     by_task = {}
     for r in results:
         if r["accuracy_before"] is not None:

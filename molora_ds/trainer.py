@@ -173,7 +173,7 @@ class Trainer:
         the all-ranks non-finite flag before the update, the logged loss and grad norms), never per
         micro-batch.
         """
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         batches = self._micro_batches(self.step)
         # Counted and indexed on the CPU copies: nothing here waits for the device.
         counts = torch.tensor(
@@ -244,7 +244,14 @@ class Trainer:
         norms = {} if skipped else getattr(self.optimizer, "grad_norms", {})
         labels = [expert_parallel.group_label(g) for g in groups]
         row |= {f"grad_norm/{name}": norms.get(name, math.nan) for name in labels}
-        row |= {"tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": int(skipped)}
+        # cpu_seconds: this process's CPU time (all its threads); unlike wall time, other jobs on a shared
+        # machine barely change it
+        row |= {
+            "tokens_per_s": tokens / seconds,
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu0,
+        }
+        row["skipped"] = int(skipped)
         return row
 
     def fit(self) -> dict:
