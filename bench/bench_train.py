@@ -4,6 +4,7 @@
     python bench/bench_train.py --threads 1 --clock cpu   # on a shared machine: one thread's CPU time
     python bench/bench_train.py --quick             # CI smoke (< 60 s): tiny Llama, 1 thread, small shapes
     python bench/bench_train.py --part optim        # part 2 only (a minute)
+    python bench/bench_train.py --device cuda --model llama-3.2-1b --batch 8 --max-len 512   # GPU, bf16 autocast
 
 Part 1, a full training step (forward, loss, backward, optimizer step) of one model on real batches
 (BIG-bench social_iqa through ``tokenize_mc`` and ``pad_collate``, the loss as in ``Trainer.train_step``):
@@ -26,6 +27,12 @@ in time order, above what was live when the step began (activations, gradients, 
 persistent memory (trainable parameters and optimizer state) is added to it, giving the memory a training
 run needs on top of the frozen model. Process RSS would not do: glibc keeps freed pages, and its high-water
 mark is set by whatever ran before (model loading). The profiler counts tensors only, not library scratch.
+
+``--device cuda`` (skips with a message without CUDA) runs part 1 on the GPU under bf16 autocast, timed
+with wall clocks around ``torch.cuda.synchronize``, peak memory from ``torch.cuda.max_memory_allocated``;
+``--model`` may then also name a shipped config (``llama-3.2-1b``, ``llama-3.2-3b``: molora_ds/models/configs),
+built with random weights (throughput does not depend on them) and fed SmolLM2's token ids. The optimizer
+step on a GPU is ``bench/bench_optim.py --device cuda`` (against fused AdamW).
 
 Part 2, the optimizer step alone on random tensors (no model), E=20, r=4, at the q/v shapes of SmolLM2-135M
 (30 layers, 576 -> 576 and 576 -> 192) and of GLM-4-9B (40 layers, 4096 -> 4096 and 4096 -> 256):
@@ -68,7 +75,7 @@ RANK, ALPHA, DROPOUT, EXPERTS, TOP_K = 4, 16.0, 0.05, 20, 10
 LR, GATE_LR, EPS, REG, GATE_MAX_NORM = 1e-5, 3e-8, 1e-6, 1e-6, 1.0
 BETAS = (0.9, 0.999)
 DATASET = "bigbench/social_iqa"
-MIN_THROUGHPUT_VS_LORA = 0.85  # MoE-LoRA + gRAdamW tokens/s over plain LoRA's
+MIN_THROUGHPUT_VS_LORA = 0.9  # MoE-LoRA + gRAdamW tokens/s over plain LoRA's (issue 11)
 MIN_SPEEDUP_VS_LOOP = 5.0  # per-matrix loop step time over ours
 # cpu: time.process_time, this process's CPU time. With one thread it is the compute time, which other
 # processes on a shared machine barely change, where wall time swings by 2x and more.
@@ -126,14 +133,48 @@ def build_molora(model: nn.Module, method: str) -> tuple[nn.Module, torch.optim.
     return model, build_optimizer(model, method, lr=LR, gate_lr=GATE_LR, eps=EPS, reg=REG)
 
 
-def load_batches(tokenizer, batch: int, max_len: int, count: int) -> list[dict[str, torch.Tensor]]:
+def load_bench_model(name: str, device: torch.device) -> tuple[nn.Module, object]:
+    """A built-in model (``load_model``), or a shipped config built with random weights; on ``device``."""
+    from molora_ds.plan import CONFIG_DIR, model_config
+
+    if not (CONFIG_DIR / f"{name}.json").is_file():
+        model, tokenizer = load_model(name)
+        return model.to(device), tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from molora_ds.models.loading import smollm2_tokenizer
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(name))
+    return model, smollm2_tokenizer()  # its ids (< 49,152) are valid in every shipped vocabulary
+
+
+def load_batches(
+    tokenizer, batch: int, max_len: int, count: int, device: torch.device = CPU
+) -> list[dict[str, torch.Tensor]]:
     """``count`` batches of a fixed random draw of the data set, padded as the trainer pads them."""
     rows = load_mc(DATASET).shuffle(seed=0).select(range(batch * count))
     tok = tokenize_mc(rows, tokenizer, max_len)
     return [
-        pad_collate(tok.select(range(i, i + batch)), tokenizer.pad_token_id)
+        {
+            k: t.to(device)
+            for k, t in pad_collate(tok.select(range(i, i + batch)), tokenizer.pad_token_id).items()
+        }
         for i in range(0, len(tok), batch)
     ]
+
+
+def make_clock(name: str, device: torch.device) -> Callable[[], float]:
+    """A clock that first waits for the device's queued work (CUDA runs asynchronously)."""
+    clock = CLOCKS[name]
+    if device.type != "cuda":
+        return clock
+
+    def synced() -> float:
+        torch.cuda.synchronize(device)
+        return clock()
+
+    return synced
 
 
 def train_step(
@@ -146,9 +187,11 @@ def train_step(
     t0 = clock()
     labels = batch["labels"][:, 1:]
     keep = (labels != -100).any(dim=0).nonzero().flatten()  # vocabulary logits only where a target follows
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
-    ).logits
+    device = batch["input_ids"].device
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+        ).logits
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, keep].flatten(), reduction="sum")
     loss = loss / (labels != -100).sum()
     t1 = clock()
@@ -161,6 +204,8 @@ def train_step(
 
 def run_training(variants: list[TrainVariant], batches: list[dict[str, torch.Tensor]], args) -> None:
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    device = batches[0]["input_ids"].device
+    clock = make_clock(args.clock, device)
     for _ in range(args.warmup):
         for v in variants:
             for b in batches:
@@ -169,12 +214,12 @@ def run_training(variants: list[TrainVariant], batches: list[dict[str, torch.Ten
         print(f"  training round {round_ + 1}/{args.repeats}", file=sys.stderr, flush=True)
         for i in range(len(variants)):
             v = variants[(round_ + i) % len(variants)]
-            phases = [train_step(v.model, v.optimizer, b, CLOCKS[args.clock]) for b in batches]
+            phases = [train_step(v.model, v.optimizer, b, clock) for b in batches]
             v.tokens_per_s.append(tokens / sum(map(sum, phases)))
             for j, key in enumerate(v.phase_ms):
                 v.phase_ms[key].append(1e3 * sum(p[j] for p in phases) / len(batches))
     for v in variants:
-        v.step_peak_mb = peak_memory_mb(lambda v=v: train_step(v.model, v.optimizer, batches[0]), CPU)
+        v.step_peak_mb = peak_memory_mb(lambda v=v: train_step(v.model, v.optimizer, batches[0]), device)
 
 
 def print_profile(variants: list[TrainVariant], batch: dict[str, torch.Tensor], rows: int) -> None:
@@ -457,7 +502,10 @@ def plot(variants: list[TrainVariant], results: list[OptimResult], path: Path, t
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m or tiny-llama")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="smollm2-135m, tiny-llama or a shipped config (llama-3.2-1b)"
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: part 1 on the GPU")
     parser.add_argument("--steps", type=int, default=4, help="training steps per variant per round")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each runs every variant)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -495,6 +543,15 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("skipped: --device cuda needs CUDA (torch.cuda.is_available() is false)")
+            return
+        if args.part != "train":
+            print(
+                "--device cuda runs part 1 only; the optimizer step on a GPU: bench/bench_optim.py --device cuda"
+            )
+            args.part = "train"
     if args.quick and args.threads is None:
         args.threads = 1  # CI machines are shared: OpenMP threads that spin-wait on a busy box cost minutes
     if args.threads:
@@ -514,6 +571,8 @@ def main() -> None:
         OptimShape(f"GLM-4-9B q/v ({layers['glm']}x2)", layers["glm"], 4096, 256),
     ]
     env = f"cpu fp32, threads={torch.get_num_threads()}, clock={args.clock}, torch {torch.__version__}"
+    if args.device == "cuda":
+        env = f"{torch.cuda.get_device_name()}, bf16 autocast, torch {torch.__version__}"
     print(env)
     variants, results = [], []
     if args.part in ("both", "train"):
@@ -535,8 +594,11 @@ def main() -> None:
 
 def run_training_part(args: argparse.Namespace) -> list[TrainVariant]:
     torch.manual_seed(0)
-    (m_lora, tokenizer), (m_adamw, _), (m_gradamw, _) = (load_model(args.model) for _ in range(3))
-    batches = load_batches(tokenizer, args.batch, args.max_len, args.steps)
+    device = torch.device(args.device)
+    (m_lora, tokenizer), (m_adamw, _), (m_gradamw, _) = (
+        load_bench_model(args.model, device) for _ in range(3)
+    )
+    batches = load_batches(tokenizer, args.batch, args.max_len, args.steps, device)
     variants = [
         TrainVariant(f"LoRA r={RANK} (PEFT) + AdamW", *build_lora(m_lora)),
         TrainVariant(f"MoE-LoRA E={EXPERTS} top-{TOP_K} + AdamW", *build_molora(m_adamw, "adamw")),

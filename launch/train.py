@@ -105,13 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             check_adapter(args.adapter)
         else:
             resume_from, notes = check_run_folder(args, out, recipe, ds_config, world)
-        # Then the data (read and converted in full, so a bad row fails now) and the model's config.
-        from molora_ds.data.formats import check_data
-
-        check_data(recipe.data)
-        from molora_ds.models.loading import check_model
-
-        check_model(recipe.model)
+        check_model_and_data(recipe)
         # Last, once every input is known good: only now may the run folder be created.
         lock = None
         if rank() == 0 and not args.eval_only:  # the other ranks write only where rank 0 tells them
@@ -154,6 +148,25 @@ def check_run_folder(
     elif args.resume:
         notes.append(f"--resume {args.resume}: no checkpoint in {out} yet, starting at step 0")
     return resume_from, notes
+
+
+def check_model_and_data(recipe: Recipe) -> None:
+    """What the model and data can get wrong, found without the weights: the model's config and
+    class, the targets (matched on the model built on the meta device), and the data read, split
+    and tokenised as the run will (bad rows, eval_size, max_len)."""
+    from molora_ds.data.formats import check_data
+
+    check_data(recipe.data)  # the rows alone first: fails fast, before transformers is imported
+    from molora_ds.data.vision import vision_prompt
+    from molora_ds.inject import find_targets
+    from molora_ds.models.loading import check_model, load_processor, load_tokenizer, meta_model
+
+    check_model(recipe.model)
+    find_targets(meta_model(recipe.model), recipe.molora)
+    processor = load_processor(recipe.model)
+    vision = vision_prompt(processor) if processor is not None else None
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(recipe.model)
+    check_data(recipe.data, recipe.train.seed, tokenizer, vision)
 
 
 def train(recipe: Recipe, ds_config: dict, out: Path, resume_from: Path | None) -> int:

@@ -71,11 +71,12 @@ def _experts_per_module(names: list[str], cfg: MoLoRAConfig) -> dict[str, int]:
     return {n: cfg.layer_experts[i * groups // num_layers] for n, i in indices.items()}
 
 
-def apply_molora(model: nn.Module, cfg: MoLoRAConfig) -> list[str]:
-    """Replace every targeted ``nn.Linear`` with a ``MoLoRALinear`` in place; freeze everything else.
+def find_targets(model: nn.Module, cfg: MoLoRAConfig) -> dict[str, int]:
+    """The names of the ``nn.Linear`` layers ``cfg`` targets, each with its expert count.
 
-    Returns the replaced module names. Raises ``ValueError`` if nothing matches or a match is
-    not a Linear, before touching the model.
+    Raises a one-line ``ValueError`` if nothing matches, a match is not a Linear, or
+    ``layer_experts`` cannot apply. It reads names and types only, so a model built on the meta
+    device (no weights) answers the same as the loaded one.
     """
     targets = (
         cfg.target_modules if cfg.target_modules is not None else default_targets(model, cfg.include_vision)
@@ -89,9 +90,19 @@ def apply_molora(model: nn.Module, cfg: MoLoRAConfig) -> list[str]:
         raise ValueError(
             f"target_modules={targets!r} matched non-Linear modules {wrong[:3]}; narrow the targets"
         )
-    experts = _experts_per_module([n for n, _ in found], cfg)
+    return _experts_per_module([n for n, _ in found], cfg)
+
+
+def apply_molora(model: nn.Module, cfg: MoLoRAConfig) -> list[str]:
+    """Replace every targeted ``nn.Linear`` with a ``MoLoRALinear`` in place; freeze everything else.
+
+    Returns the replaced module names. Raises ``ValueError`` as ``find_targets`` does, before
+    touching the model.
+    """
+    experts = find_targets(model, cfg)
     model.requires_grad_(False)
-    for name, linear in found:
+    for name in experts:
+        linear = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         layer = MoLoRALinear(
             linear,
@@ -108,12 +119,12 @@ def apply_molora(model: nn.Module, cfg: MoLoRAConfig) -> list[str]:
     trainable, total = count_parameters(model)
     log.info(
         "MoLoRA: %d layers, %s trainable of %s parameters (%.3f%%)",
-        len(found),
+        len(experts),
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,
     )
-    return [n for n, _ in found]
+    return list(experts)
 
 
 def molora_layers(model: nn.Module) -> dict[str, MoLoRALinear]:

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from molora_ds.data.assets import asset_dir
 from molora_ds.inject import apply_molora, molora_layers
+from molora_ds.models.loading import BUILTIN_MODELS
 from molora_ds.recipe import ModelConfig, Recipe
 
 CONFIG_DIR = Path(__file__).resolve().parent / "models" / "configs"
@@ -209,6 +210,7 @@ def memory_plan(
                           of A and B (one per distinct shape) and one fp32 product of the largest
         forward copies    each layer's B stacked as [out, E r] (a copy, s bytes) kept for backward
         activations       ``activation_bytes``
+        build peak excess how far building the model peaks above the rest (``_build_peak``)
     """
     model = model if model is not None else meta_model(model_config(recipe.model))
     if not molora_layers(model):
@@ -265,6 +267,7 @@ def memory_plan(
         "activations": acts[checkpointing],
     }
     parts = {k: int(v) for k, v in parts.items()}
+    parts["build_peak_excess"] = max(0, _build_peak(recipe, model, p) - sum(parts.values()))
     parts["total"] = sum(parts.values())
 
     def fits(total: int) -> bool:
@@ -294,6 +297,16 @@ def memory_plan(
         largest_micro_batch=largest,
         deepspeed_estimate_bytes=deepspeed_estimate(p, z, world, ds),
     )
+
+
+def _build_peak(recipe: Recipe, model: nn.Module, p: Params) -> int:
+    """Bytes while a model built from its config (the built-in tiny Llama) is constructed: its
+    output layer is allocated before it is tied to the embedding, so for a moment the fp32 base
+    weights and one more vocab x hidden matrix live. ``from_pretrained`` builds on the meta
+    device and loads into that: no such moment (0)."""
+    if recipe.model.name_or_path not in BUILTIN_MODELS or not model.config.tie_word_embeddings:
+        return 0
+    return 4 * (p.base + model.get_output_embeddings().weight.numel())
 
 
 def deepspeed_estimate(p: Params, zero_stage: int, world: int, ds: dict) -> int | None:

@@ -101,7 +101,10 @@ class Trainer:
         # molora_ds.optim.zero), since ZeRO hands the optimizer flat partitions. No scheduler object:
         # each step's lr is the recipe's times train.lr_factor(step), set in train_step.
         optim = recipe.optim
-        self.optimizer = build_optimizer(self.model, precondition_in_step=False, **dataclasses.asdict(optim))
+        partitioned = zero_stage(self.ds_config) >= 1 or bf16_enabled(self.ds_config)
+        self.optimizer = build_optimizer(
+            self.model, precondition_in_step=False, partitioned=partitioned, **dataclasses.asdict(optim)
+        )
         # By label: DeepSpeed renames the expert-parallel group in initialize.
         self.base_lrs = {expert_parallel.group_label(g): g["lr"] for g in self.optimizer.param_groups}
 
@@ -113,7 +116,6 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=self.ds_config
         )
-        self.optimizer.partitioned = zero_stage(self.ds_config) >= 1 or bf16_enabled(self.ds_config)
         self.preconditioner = (
             GradientPreconditioner(self.engine.module, optim.reg) if optim.riemannian else None
         )

@@ -42,12 +42,17 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 from datasets import Dataset, DatasetDict, Features, Image, List, Value, load_dataset, load_from_disk
 
-from molora_ds.data.vision import image_ref, open_image
+from molora_ds.data.multiple_choice import encode_prompts, load_mc_splits, tokenize_mc
+from molora_ds.data.vision import VisionPrompt, image_ref, open_image
 from molora_ds.recipe import BUILTIN_DATA, DataConfig
+
+if TYPE_CHECKING:  # transformers loads only with a model
+    from transformers import PreTrainedTokenizerBase
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_COLUMNS = ("question", "choices", "answer_index")
@@ -285,17 +290,26 @@ def read_mc(format: str, source: str, role: str = "train", columns: dict[str, st
     )
 
 
-def check_data(data: DataConfig) -> None:
-    """Read and convert a recipe's data files in full, so that a bad row fails before the model loads.
+def check_data(
+    data: DataConfig,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    vision: VisionPrompt | None = None,
+) -> None:
+    """Read and split a recipe's data in full and, given the model's ``tokenizer`` (and ``vision``
+    prompt, for a vision-language model), tokenise it as the run will: a bad row, an ``eval_size``
+    the data cannot hold or a ``max_len`` a prompt cannot fit in fails before the model loads.
 
-    The built-in sets are not read here: they are tested, and the run reads them anyway. Progress
-    bars are off, so that an error is the only line a user sees."""
-    if data.format.startswith(BUILTIN_DATA):
-        return
+    Tokenised files are cached beside the data (``tokenize_mc``), so the run reuses the work; a
+    built-in set is tokenised again (about a second). Progress bars are off, so that an error is the
+    only line a user sees."""
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
-        load_splits(data, vision=None)  # which rows the model keeps is known once it loads
+        train, evals = load_splits(data, seed, vision=None if tokenizer is None else vision is not None)
+        if tokenizer is not None:
+            tokenize_mc(train, tokenizer, data.max_len, data.prompt, vision)
+            encode_prompts(evals, tokenizer, data.max_len, data.prompt, vision)
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
@@ -324,8 +338,6 @@ def load_splits(data: DataConfig, seed: int = 0, vision: bool | None = False) ->
     """(train, eval) rows of a recipe's data section for a text (or, ``vision``, a vision-language)
     model, see ``for_model``; eval holds at most ``eval_size`` rows."""
     if data.format.startswith(BUILTIN_DATA):
-        from molora_ds.data.multiple_choice import load_mc_splits  # tokenizer code: not needed for files
-
         train, evals = load_mc_splits(data.format, data.eval_size, seed)
         return for_model(train, vision, data.format), for_model(evals, vision, data.format)
     train = for_model(

@@ -153,7 +153,9 @@ def load_mc_splits(name: str, eval_size: int, seed: int = 0) -> tuple[Dataset, D
     """
     ds, groups = _registry(name)()
     if not 0 < eval_size < len(ds):
-        raise ValueError(f"eval_size={eval_size} must be between 1 and {len(ds) - 1} for {name}")
+        raise ValueError(
+            f"data.eval_size={eval_size} must be between 1 and {len(ds) - 1}, the rows of {name} less one"
+        )
     rng = random.Random(seed)
     order = sorted(set(groups))
     rng.shuffle(order)
@@ -259,9 +261,10 @@ def _encode(
             q_start, q_end = spans[i]
             question_tokens = [t for t, (s, e) in enumerate(offsets) if q_start <= s and e <= q_end and e > s]
             if len(question_tokens) < excess:
+                need = total - len(question_tokens) + reply_len
                 raise ValueError(
-                    f"row {i} needs {total - len(question_tokens) + reply_len} tokens even without its "
-                    f"question, more than max_len={max_len}; raise max_len"
+                    f"data.max_len={max_len} is too short: a prompt needs {need} tokens even without its "
+                    f"question (template, choices, image tokens, reply); raise data.max_len to at least {need}"
                 )
             drop = set(question_tokens[:excess])
             ids = [tok for t, tok in enumerate(ids) if t not in drop]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -195,6 +196,27 @@ def check_model(cfg: ModelConfig) -> None:
         model_class(config, cfg.trust_remote_code)
 
 
+def meta_model(cfg: ModelConfig) -> nn.Module:
+    """The model's modules with every tensor on the meta device: no weights read, no memory."""
+    with torch.device("meta"):
+        if cfg.name_or_path in BUILTIN_MODELS:
+            return tiny_llama()
+        config = model_config(cfg)
+        cls = model_class(config, cfg.trust_remote_code)
+        if cls is AutoModelForCausalLM:
+            return cls.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        return cls(config)
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer ``load_model`` returns, without the model."""
+    if cfg.name_or_path in BUILTIN_MODELS:
+        return smollm2_tokenizer()  # the built-in tiny Llama has SmolLM2's vocabulary
+    return AutoTokenizer.from_pretrained(
+        resolve(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+
+
 def load_processor(cfg: ModelConfig) -> ProcessorMixin | None:
     """A vision-language model's processor (image processor, tokenizer with the image token, chat
     template) from the model's folder; None for a text model."""
@@ -246,9 +268,7 @@ def load_model(
         finally:
             if zero3 is not None:
                 unset_hf_deepspeed_config()
-        tokenizer = AutoTokenizer.from_pretrained(
-            where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
+        tokenizer = load_tokenizer(cfg)
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.config.use_cache = False  # the cache is useless in training and conflicts with recomputation

@@ -110,22 +110,27 @@ class _MoLoRAGroups:
     nothing is (plain methods, or gradient hooks do it). Paired by layer, not by position in the
     param group: a parameter without a gradient must not shift the pairs after it.
 
-    ``grad_norm_group``: when ZeRO hands this optimizer partitions of flat gradients, set it to
-    the data-parallel process group so that norms are summed over all partitions.
+    ``partitioned``: ZeRO (stage >= 1, or its bf16 optimizer) hands this optimizer each rank's
+    partition of flat gradients: norms are then summed over all ranks.
 
-    ``skip_step``: set by the trainer when a loss was non-finite; the update is then skipped
-    whole (state untouched), and the accumulated gradients are dropped by the caller.
+    ``skip_step``: set by the trainer when a loss was non-finite (DeepSpeed's engine, not the
+    trainer, calls ``step``); the update is then skipped whole (state untouched), and the
+    accumulated gradients are dropped by the caller.
     """
 
-    grad_norm_group: dist.ProcessGroup | None = None
-    partitioned: bool = False
     skip_step: bool = False
 
     def __init__(
-        self, params, *, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), reg: float = 1e-6, **kwargs
+        self,
+        params,
+        *,
+        pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+        reg: float = 1e-6,
+        partitioned: bool = False,
+        **kwargs,
     ) -> None:
         super().__init__(params, **kwargs)
-        self.pairs, self.reg = list(pairs), reg
+        self.pairs, self.reg, self.partitioned = list(pairs), reg, partitioned
 
     def _prepare_grads(self) -> None:
         self.grad_norms = getattr(self, "grad_norms", {})
@@ -148,10 +153,10 @@ class _MoLoRAGroups:
         if self.partitioned:
             # NCCL reduces only CUDA tensors, and under optimizer offload the gradients (and so this
             # norm, and the empty group's zero) live on the CPU: reduce on the backend's device.
-            nccl = dist.get_backend(self.grad_norm_group) == "nccl"
+            nccl = dist.get_backend() == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
             squared = norm.to(device, torch.float64).square().reshape(1)
-            dist.all_reduce(squared, group=self.grad_norm_group)
+            dist.all_reduce(squared)
             norm = squared.sqrt().reshape(()).to(norm.device, norm.dtype)
         return norm
 
@@ -236,12 +241,18 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, method: str = "gradamw", *, precondition_in_step: bool = True, **kwargs
+    model: nn.Module,
+    method: str = "gradamw",
+    *,
+    precondition_in_step: bool = True,
+    partitioned: bool = False,
+    **kwargs,
 ) -> torch.optim.Optimizer:
     """An optimizer over the model's MoLoRA parameters; keyword arguments are ``OptimConfig`` fields.
 
     ``precondition_in_step=False`` leaves the Riemannian preconditioning to gradient hooks
-    (``molora_ds.optim.zero.GradientPreconditioner``), as DeepSpeed ZeRO needs.
+    (``molora_ds.optim.zero.GradientPreconditioner``), as DeepSpeed ZeRO needs; ``partitioned``:
+    DeepSpeed will hand it partitioned gradients (see ``_MoLoRAGroups``).
     """
     cfg = OptimConfig(method=method, **kwargs)
     groups = param_groups(model, cfg)
@@ -254,10 +265,13 @@ def build_optimizer(
             groups,
             pairs=pairs,
             reg=cfg.reg,
+            partitioned=partitioned,
             lr=cfg.lr,
             betas=cfg.betas,
             eps=cfg.eps,
             correct_bias=cfg.correct_bias,
             fused=fused,
         )
-    return MoLoRASGD(groups, pairs=pairs, reg=cfg.reg, lr=cfg.lr, momentum=cfg.momentum)
+    return MoLoRASGD(
+        groups, pairs=pairs, reg=cfg.reg, partitioned=partitioned, lr=cfg.lr, momentum=cfg.momentum
+    )

@@ -167,3 +167,29 @@ def test_dry_run_bad_input_is_one_line(capsys):
     assert "--gpu-memory 'lots'" in capsys.readouterr().err
     assert launch_train.main([*argv, "--set", "model=no-such-model"]) == 2
     assert "no config.json for model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_build_peak_of_a_config_built_model_is_measured():
+    """The built-in tiny Llama allocates its output layer before tying it to the embedding: the plan's
+    build_peak_excess (planned total = that moment) against the peak tensor bytes the profiler saw
+    while it was built; a from_pretrained model has none."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        tiny_llama()
+    live = peak = 0
+    for _, nbytes in sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ):
+        live += nbytes
+        peak = max(peak, live)
+    plan = memory_plan(recipe, {"zero_optimization": {"stage": 0}}, 1, 1, 8, False, 80 * GIB)
+    assert plan.per_gpu_bytes["build_peak_excess"] > 0
+    # The planned moment counts weights only; the rotary tables (a few KiB) are the difference.
+    assert plan.per_gpu_bytes["total"] == pytest.approx(peak, rel=1e-3)
+    glm = memory_plan(load_recipe(GLM_RECIPE), {"zero_optimization": {"stage": 2}}, 8, 1, 512, True, 80 * GIB)
+    assert glm.per_gpu_bytes["build_peak_excess"] == 0

@@ -79,7 +79,7 @@ def test_image_tokens_count_toward_max_len(processor, rows):
     assert all(ids.count(vp.image_token_id) == 16 for ids in cut["input_ids"])  # the question lost tokens
     with pytest.raises(
         ValueError,
-        match=r"row 0 needs \d+ tokens even without its question, more than max_len=20",
+        match=r"data.max_len=20 is too short: a prompt needs \d+ tokens even without its question",
     ):
         tokenize_mc(rows, processor.tokenizer, max_len=20, vision=vp)
 
