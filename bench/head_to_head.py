@@ -318,9 +318,18 @@ def main(argv: list[str] | None = None) -> int:
         entry = None if r.method == OURS else ["bench/head_to_head.py", "--contender", r.method]
         # The adapters start as the base model (B = 0): one evaluation before training (ours, test) says it all.
         sections = {"optim": CONTENDERS[r.method], "eval": {"before": r.method == OURS and r.split == "test"}}
-        summary = execute(scale, r, data[r.task], work, out, launcher, sections, entry)
-        print(f"[{(time.perf_counter() - t0) / 60:.0f} min] {r.name}: accuracy {summary['accuracy_after']:.3f}, "
-              f"{summary['train_seconds']:.0f} s", flush=True)  # fmt: skip
+        try:
+            summary = execute(scale, r, data[r.task], work, out, launcher, sections, entry)
+        except RuntimeError:
+            if "non-finite" not in (work / "runs" / r.name / "log.txt").read_text()[-2000:]:
+                raise
+            # a diverged grid point is a result (this lr is too large), kept so that a rerun skips it
+            summary = {**dataclasses.asdict(r), "accuracy_after": None, "diverged": True}
+            (out / "runs" / f"{r.name}.json").write_text(json.dumps(summary, indent=1))
+        print(
+            f"[{(time.perf_counter() - t0) / 60:.0f} min] {r.name}: accuracy {summary['accuracy_after']}",
+            flush=True,
+        )
         return summary
 
     data = {task: write_splits(scale, task, work) for task in scale.tasks}
@@ -348,7 +357,8 @@ def write_report(scale: Scale, name: str, summaries: list[dict], out: Path) -> N
     import matplotlib.pyplot as plt
 
     mean = statistics.mean
-    test = [r for r in summaries if r["split"] == "test"]
+    model = next(r["model"] for r in summaries if "model" in r)
+    test = [r for r in summaries if r["split"] == "test" and not r.get("diverged")]
     rows = []
     for c in CONTENDERS:
         runs = [r for r in test if r["method"] == c]
@@ -356,7 +366,8 @@ def write_report(scale: Scale, name: str, summaries: list[dict], out: Path) -> N
         if runs or grid:
             rows.append({
                 "contender": c,
-                "grid": "as ours" if c == LOOP else ", ".join(f"{lr:g}: {a:.3f}" for lr, a in sorted(grid.items())),
+                "grid": "as ours" if c == LOOP else ", ".join(f"{lr:g}: {'diverged' if a is None else f'{a:.3f}'}"
+                                                              for lr, a in sorted(grid.items())),
                 "lr": f"{runs[0]['lr']:g}" if runs else "pending",
                 "params": f"{runs[0]['trainable_params']:,}" if runs else "",
                 "accuracy": [r["accuracy_after"] for r in runs],
@@ -369,9 +380,9 @@ def write_report(scale: Scale, name: str, summaries: list[dict], out: Path) -> N
         (f"{mean(xs):{f}}" + (f" ± {statistics.stdev(xs):{f}}" if len(xs) > 1 else "")) if xs else ""
     )  # noqa: E731
     lines = [
-        f"Scale `{name}`: {scale.model}, {scale.tasks[0]}, {scale.steps} steps of {scale.global_batch}, seeds "
+        f"Scale `{name}`: {model}, {scale.tasks[0]}, {scale.steps} steps of {scale.global_batch}, seeds "
         f"{list(scale.seeds)}; {test[0]['eval_questions'] if test else '?'} test questions, accuracy before "
-        f"training: {before_training(test) or 'not measured'}. Hardware: {summaries[0]['hardware']}, shared with "
+        f"training: {before_training(test) or 'not measured'}. Hardware: {next(r['hardware'] for r in summaries if 'hardware' in r)}, shared with "
         "other jobs whose load changed from run to run: the wall times say little, the CPU seconds (all threads of "
         "the training process) are the comparable cost.",
         "",
@@ -385,26 +396,40 @@ def write_report(scale: Scale, name: str, summaries: list[dict], out: Path) -> N
             f"| {r['contender']} | {r['params']} | {r['lr']} ({r['grid'] or 'no grid'}) | {cell(r['accuracy'], '.3f')} "
             f"| {cell(r['seconds'], '.0f')} | {cell(r['wall'], '.2f')} | {cell(r['cpu'], '.2f')} | {ratio} |"
         )
+    val = [r for r in summaries if r["split"] == "val"]
+    val.sort(key=lambda r: (r["lr"], list(CONTENDERS).index(r["method"])))
+    if val:
+        lines += ["", f"Every validation run ({val[0].get('eval_questions', '?')} questions, seed {val[0]['seed']}):", "",
+                  "| lr | contender | validation accuracy | train s (wall) | s/step wall (median) | CPU s/step (median) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in val:
+            figures = ("diverged", "", "", "") if r.get("diverged") else (
+                f"{r['accuracy_after']:.3f}", f"{r['train_seconds']:.0f}", f"{r['step_seconds_median']:.2f}",
+                f"{r['step_cpu_seconds_median']:.2f}")  # fmt: skip
+            lines.append(f"| {r['lr']:g} | {r['method']} | " + " | ".join(figures) + " |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
-    done = [r for r in rows if r["accuracy"]]
-    if not done:
+    # Every run that trained to the end: the test runs first, then the validation grid, by lr.
+    shown = [r for r in test + val if not r.get("diverged")]
+    if not shown:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = [r["contender"] for r in done]
-    colors = ["tab:orange" if n == OURS else "tab:blue" if n == LOOP else "tab:gray" for n in names]
-    for ax, key, label in (
-        (axes[0], "accuracy", "test accuracy"),
-        (axes[1], "cpu", "CPU seconds per step (median)"),
-    ):
-        values = [r[key] for r in done]
-        ax.bar(names, [mean(v) for v in values], yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
-               capsize=3, color=colors)  # fmt: skip
-        ax.set(ylabel=label, title=f"{scale.tasks[0]}, {scale.steps} steps of {scale.global_batch}")
-        ax.tick_params(axis="x", rotation=20)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [f"{r['method']}\n{r['split']} lr {r['lr']:g}" for r in shown]
+    colors = [
+        "tab:orange" if r["method"] == OURS else "tab:blue" if r["method"] == LOOP else "tab:gray"
+        for r in shown
+    ]
+    for ax, key, label in ((axes[0], "accuracy_after", "accuracy after training"),
+                           (axes[1], "step_cpu_seconds_median", "CPU seconds per step (median)")):  # fmt: skip
+        ax.bar(range(len(shown)), [r[key] for r in shown], color=colors)
+        ax.set_xticks(range(len(shown)), names, rotation=60, ha="right", fontsize=7)
+        ax.set(
+            ylabel=label,
+            title=f"{model}, {scale.tasks[0]}, {scale.steps} steps of {scale.global_batch}",
+        )
     for before in {r["accuracy_before"] for r in test} - {None}:
-        axes[0].axhline(before, color="k", lw=0.8, ls="--", label="before training")
+        axes[0].axhline(before, color="k", lw=0.8, ls="--", label="before training (test split)")
         axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "head_to_head.png", dpi=100)

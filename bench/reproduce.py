@@ -268,8 +268,10 @@ def chosen_lrs(scale: Scale, results: list[dict]) -> dict[tuple[str, str], float
 
 
 def best_lr(results: list[dict], task: str, method: str) -> float:
-    """The lr of ``method``'s best accuracy on ``task`` among ``results`` (ties: the smaller lr)."""
-    acc = {r["lr"]: r["accuracy_after"] for r in results if r["task"] == task and r["method"] == method}
+    """The lr of ``method``'s best accuracy on ``task`` among ``results`` (ties: the smaller lr; runs without an
+    accuracy, e.g. diverged ones, do not count)."""
+    acc = {r["lr"]: r["accuracy_after"] for r in results
+           if r["task"] == task and r["method"] == method and r["accuracy_after"] is not None}  # fmt: skip
     return max(sorted(acc), key=lambda lr: acc[lr])
 
 
