@@ -18,7 +18,9 @@ decay of our defaults, the recipe's linear lr decay:
     molora+gradamw        ours: ``launch/train.py`` (DeepSpeed ZeRO-0) with MoLoRALinear and gRAdamW
 
 Every run goes through ``reproduce.execute`` (its own folder, ``--resume auto``, a finished run's summary is read
-back, not rerun), so an interrupted comparison continues where it stopped. The baselines run in a subprocess of this
+back, not rerun), so an interrupted comparison continues where it stopped. The first seed's test run of a contender
+with a grid starts from its validation run's final checkpoint (``reuse_training``): same seed, lr and data order, so
+the same training; it only scores the test split. The baselines run in a subprocess of this
 script (``--contender``), a training loop with the trainer's data order, loss, lr schedule, dropout seeds and
 evaluation (``molora_ds.eval.mc_accuracy``, log-likelihood over the answer letters). The lr of each lora contender,
 and of ours, is the grid value with the method's own best accuracy on the validation split; the loop contender, the
@@ -37,6 +39,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -342,11 +345,31 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lrs = {(t, c): best_lr(val, t, c) if val else grid[0] for t in scale.tasks for c in GRID_CONTENDERS}
     lrs |= {(t, LOOP): lrs[t, OURS] for t in scale.tasks}  # the same method as ours
-    test = [run(Run(t, experts, c, s, lrs[t, c], "test")) for t in scale.tasks for s in scale.seeds
-            for c in CONTENDERS]  # fmt: skip
+    test = []
+    for t in scale.tasks:
+        for s in scale.seeds:
+            for c in CONTENDERS:
+                test_run = Run(t, experts, c, s, lrs[t, c], "test")
+                if val:
+                    reuse_training(work, dataclasses.replace(test_run, split="val"), test_run)
+                test.append(run(test_run))
     write_report(scale, name, val + test, out)
     print(f"results: {out}")
     return 0
+
+
+def reuse_training(work: Path, val: Run, test: Run) -> None:
+    """Start ``test`` from the final checkpoint of ``val`` when that run finished: the two differ only in the split
+    they are scored on, and a run is a function of its seed, lr and data order (dropout masks included), so
+    training again would repeat the same steps. The test run then only evaluates; its summary keeps the steps'
+    losses and times."""
+    src, dst = work / "runs" / val.name, work / "runs" / test.name
+    if dst.exists() or not (src / "results.json").is_file():
+        return
+    keep = shutil.ignore_patterns(
+        "results.json", "run.lock", "adapter", "log.txt", "*.yaml", "ds_config.json"
+    )
+    shutil.copytree(src, dst, ignore=keep)
 
 
 def write_report(scale: Scale, name: str, summaries: list[dict], out: Path) -> None:
