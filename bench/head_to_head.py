@@ -406,8 +406,8 @@ def write_report(scale: Scale, name: str, summaries: list[dict], out: Path) -> N
         f"Scale `{name}`: {model}, {scale.tasks[0]}, {scale.steps} steps of {scale.global_batch}, seeds "
         f"{list(scale.seeds)}; {test[0]['eval_questions'] if test else '?'} test questions, accuracy before "
         f"training: {before_training(test) or 'not measured'}. Hardware: {next(r['hardware'] for r in summaries if 'hardware' in r)}, shared with "
-        "other jobs whose load changed from run to run: the wall times say little, the CPU seconds (all threads of "
-        "the training process) are the comparable cost.",
+        "other jobs whose load changed from run to run: the wall times say little, the CPU seconds of the training "
+        "process (one torch thread unless --threads said otherwise) are the comparable cost.",
         "",
         "| contender | trainable params | lr chosen (validation accuracy per lr) | test accuracy | train s (wall) | "
         "s/step wall (median) | CPU s/step (median) | CPU / ours |",
