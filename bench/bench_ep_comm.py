@@ -1,22 +1,29 @@
-"""The cost model of the two expert-parallel ways (DESIGN.md section 3) beside measured communication, 2 processes.
+"""The two expert-parallel ways, weight gather and token dispatch, measured beside their cost model, 2 processes.
 
     nice -n 10 python bench/bench_ep_comm.py        # E=256, r=4, top-8, in=out=2048, fp32, gloo, EP=2
 
-Per layer and rank, with ``ep`` ranks in the EP group, in elements moved (forward + backward):
-- weight gather (built): all-gather the E/ep shards of A and B, then reduce their gradients:
+Cost model (``molora_ds.distributed.expert_parallel.dispatch_wins``), per layer and rank, in elements moved
+(forward + backward), with ``ep`` ranks in the EP group:
+- weight gather: all-gather the E/ep shards of A and B, then reduce their gradients:
   ``2 * (ep-1)/ep * E*r*(in+out)`` (on gloo the reduction is an all-reduce, which ExpertGroup uses:
   twice the reduce-scatter's volume, so ``3 * ...`` there);
-- token dispatch (not built: DESIGN.md's alternative): all-to-all each (token, expert) pair's x row to the
-  expert's rank and its y row back, and dy, dx the same way in the backward:
-  ``2 * (ep-1)/ep * T*k*(in+out)``.
+- token dispatch: all-to-all each (token, expert) pair's x row to the expert's rank and its y row back,
+  and dy, dx the same way in the backward: ``2 * (ep-1)/ep * T*k*(in+out)``.
 So dispatch moves less only when ``T*k < E*r`` (on gloo ``T*k < 1.5*E*r``): the crossover is at
-``T* = E*r/k`` tokens per rank (128 at E=256, r=4, k=8). Measured here: the same collectives on the same
+``T* = E*r/k`` tokens per rank (128 at E=256, r=4, k=8; 192 on gloo).
+
+Measured, per T (tokens per rank, different on each rank): ``comm``, the collectives alone on the model's
 volumes (``all_gather`` + ``all_reduce`` exactly as ExpertGroup does them; ``all_to_all_single`` of
-``[T*k/ep, in]`` and ``[T*k/ep, out]`` rows, forward and backward), medians of round-robin repeats.
+``[T*k, in]`` and ``[T*k, out]`` rows, forward and backward); ``layer``, one sharded ``MoLoRALinear``'s
+forward + backward end to end (``expert_parallel_mode`` gather, with the sparse compute ``auto`` picks
+here, and dispatch), the frozen base layer included in both. Before timing, the two layers are checked to
+give the same output and gradients. Medians of alternating rounds; the measured crossover is where the
+faster layer changes.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import subprocess
@@ -26,11 +33,11 @@ from functools import partial
 from pathlib import Path
 
 E, R, K, FEATURES, EP = 256, 4, 8, 2048, 2
-TOKENS = [32, 64, 128, 256, 512, 2048]
-REPEATS = 7
+TOKENS = [32, 64, 128, 192, 256, 512, 2048]
+REPEATS = 5
 
 
-def _gather_step(a, b):
+def _gather_comm(a, b):
     import torch
     import torch.distributed as dist
 
@@ -41,7 +48,7 @@ def _gather_step(a, b):
         dist.all_reduce(grad)
 
 
-def _dispatch_step(rows_in, rows_out):
+def _dispatch_comm(rows_in, rows_out):
     import torch
     import torch.distributed as dist
 
@@ -50,54 +57,111 @@ def _dispatch_step(rows_in, rows_out):
             dist.all_to_all_single(torch.empty_like(rows), rows)
 
 
+def _layer_step(layer, x, dy):
+    layer(x).backward(dy)
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = layer.router.weight.grad = None
+
+
+def _layers():
+    import torch
+    from torch import nn
+
+    from molora_ds import MoLoRALinear
+    from molora_ds.distributed.expert_parallel import ExpertGroup
+
+    torch.manual_seed(0)  # the same adapter on both ranks, as apply_molora on one seed
+    base = nn.Linear(FEATURES, FEATURES)
+    layer = MoLoRALinear(base, E, R, K, alpha=16.0, expert_compute="sparse")
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02)
+    ep = ExpertGroup(EP)
+    layers = {}
+    for way in ("gather", "dispatch"):
+        layers[way] = copy.deepcopy(layer)
+        layers[way].shard_experts(ep, dispatch=way == "dispatch")
+    return layers
+
+
+def _check_same_math(layers, x, dy) -> None:
+    import torch
+
+    results = []
+    for layer in layers.values():
+        xg = x.detach().clone().requires_grad_(True)
+        y = layer(xg)
+        y.backward(dy)
+        results.append([y.detach(), xg.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad])
+        layer.zero_grad(set_to_none=True)
+    for what, got, want in zip(["y", "dx", "dA", "dB", "d router"], *results):
+        torch.testing.assert_close(got, want, msg=lambda m, what=what: f"dispatch vs gather, {what}: {m}")
+
+
 def worker() -> None:
+    import deepspeed
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    from molora_ds.distributed.expert_parallel import dispatch_wins
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # ExpertGroup uses DeepSpeed's groups
     torch.set_num_threads(1)
+    layers = _layers()
+    torch.manual_seed(1 + dist.get_rank())  # each rank its own tokens
     a, b = torch.randn(E // EP, R, FEATURES), torch.randn(E // EP, FEATURES, R)
     rows = []
     for tokens in TOKENS:
         pairs = tokens * K  # each rank sends all its pairs' rows, (ep-1)/ep of them to the other rank
-        rows_in, rows_out = torch.randn(pairs, FEATURES), torch.randn(pairs, FEATURES)
+        x = torch.randn(tokens, FEATURES, requires_grad=True)
+        dy = torch.randn(tokens, FEATURES)
+        if tokens == TOKENS[0]:
+            _check_same_math(layers, x, dy)
         steps = {
-            "gather": partial(_gather_step, a, b),
-            "dispatch": partial(_dispatch_step, rows_in, rows_out),
+            "comm gather": partial(_gather_comm, a, b),
+            "comm dispatch": partial(
+                _dispatch_comm, torch.randn(pairs, FEATURES), torch.randn(pairs, FEATURES)
+            ),
+            "layer gather": partial(_layer_step, layers["gather"], x, dy),
+            "layer dispatch": partial(_layer_step, layers["dispatch"], x, dy),
         }
         times = {name: [] for name in steps}
         for i in range(REPEATS + 1):
-            for name in list(steps) if i % 2 else reversed(list(steps)):
+            names = list(steps)
+            for name in names[i % len(names) :] + names[: i % len(names)]:
                 dist.barrier()
                 t0 = time.perf_counter()
                 steps[name]()
                 if i:  # the first round warms up
                     times[name].append((time.perf_counter() - t0) * 1e3)
         share = (EP - 1) / EP
-        rows.append(
-            (
-                tokens,
-                3 * share * E * R * 2 * FEATURES,
-                2 * share * pairs * 2 * FEATURES,
-                statistics.median(times["gather"]),
-                statistics.median(times["dispatch"]),
-            )
-        )
+        med = {name: statistics.median(t) for name, t in times.items()}
+        rows.append((tokens, 3 * share * E * R * 2 * FEATURES, 2 * share * pairs * 2 * FEATURES, med))
     if dist.get_rank() == 0:
-        print(
-            f"E={E}, r={R}, top-{K}, in=out={FEATURES}, EP={EP}, fp32, gloo; predicted crossover T* = E*r/k = "
-            f"{E * R // K} with a reduce-scatter, 1.5*E*r/k = {3 * E * R // (2 * K)} with gloo's all-reduce"
-        )
-        print(
-            f"{'T/rank':>6} | {'gather M elem':>13} {'dispatch M elem':>15} {'pred':>8} | {'gather ms':>9} {'dispatch ms':>11} {'measured':>8}"
-        )
-        for tokens, g, d, tg, td in rows:
-            pred = "gather" if g < d else "dispatch"
-            meas = "gather" if tg < td else "dispatch"
-            print(
-                f"{tokens:>6} | {g / 1e6:>13.2f} {d / 1e6:>15.2f} {pred:>8} | {tg:>9.2f} {td:>11.2f} {meas:>8}"
-            )
+        _report(rows, dispatch_wins)
     dist.destroy_process_group()
+
+
+def _report(rows, dispatch_wins) -> None:
+    print(
+        f"E={E}, r={R}, top-{K}, in=out={FEATURES}, EP={EP}, fp32, gloo, 1 thread per rank, {REPEATS} rounds; "
+        f"predicted crossover T* = 1.5*E*r/k = {3 * E * R // (2 * K)} (gloo's all-reduce; E*r/k = {E * R // K} "
+        "with a reduce-scatter)"
+    )
+    print(
+        f"{'T/rank':>6} | {'gather M elem':>13} {'dispatch M elem':>15} {'pred':>8} | {'comm ms gather':>14} "
+        f"{'dispatch':>8} | {'layer ms gather':>15} {'dispatch':>8} {'faster':>8}"
+    )
+    faster = []
+    for tokens, g, d, med in rows:
+        pred = "dispatch" if dispatch_wins(E, R, K, tokens, reduce_scatter=False) else "gather"
+        lg, ld = med["layer gather"], med["layer dispatch"]
+        faster.append("dispatch" if ld < lg else "gather")
+        print(
+            f"{tokens:>6} | {g / 1e6:>13.2f} {d / 1e6:>15.2f} {pred:>8} | {med['comm gather']:>14.2f} "
+            f"{med['comm dispatch']:>8.2f} | {lg:>15.2f} {ld:>8.2f} {faster[-1]:>8}"
+        )
+    changes = [(rows[i][0], rows[i + 1][0]) for i in range(len(rows) - 1) if faster[i] != faster[i + 1]]
+    where = ", ".join(f"between {lo} and {hi}" for lo, hi in changes) or "none in this range"
+    print(f"measured crossover (layer forward + backward): {where} tokens per rank")
 
 
 def main() -> None:

@@ -67,9 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     plan.add_argument("--world-size", type=int, help="ranks to plan for (default: this launch's)")
     plan.add_argument("--gpu-memory", default="80GB", help="GPU size to check against (default: %(default)s)")
     plan.add_argument(
+        "--gpus-per-node", type=int, default=8, help="ranks per node, for host memory (default: 8)"
+    )
+    plan.add_argument(
         "--seq-len", type=int, help="tokens per sequence (default: data.max_len, image tokens included)"
     )
-    plan.add_argument("--checkpointing", action="store_true", help="plan with gradient checkpointing")
+    plan.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="plan with gradient checkpointing (on when the recipe's model.gradient_checkpointing is)",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
@@ -143,7 +150,9 @@ def check_run_folder(
     if resume_from is not None:
         check_resume_target(resume_from, out)
         checkpoint.check_stage(resume_from, zero_stage(ds_config))
-        checkpoint.check_expert_parallel(resume_from, recipe.molora.expert_parallel_size, world)
+        checkpoint.check_expert_parallel(
+            resume_from, recipe.molora.expert_parallel_size, world, zero_stage(ds_config)
+        )
         notes += resume_notes(resume_from, recipe)
     elif args.resume:
         notes.append(f"--resume {args.resume}: no checkpoint in {out} yet, starting at step 0")
@@ -202,8 +211,9 @@ def dry_run(args: argparse.Namespace, recipe, ds_config: dict, world: int, micro
     seq_len = args.seq_len or recipe.data.max_len  # image tokens included
     bf16 = ds_config.get("bf16", {}).get("enabled", False) in (True, "auto")
     model = plan.meta_model(config)
+    checkpointing = args.checkpointing or recipe.model.gradient_checkpointing
     result = plan.memory_plan(
-        recipe, ds_config, world, micro, seq_len, bf16, gpu_memory, args.checkpointing, model=model
+        recipe, ds_config, world, micro, seq_len, bf16, gpu_memory, checkpointing, model, args.gpus_per_node
     )
     print(json.dumps(result.to_dict()) if args.json else plan.format_plan(result))
     return 0

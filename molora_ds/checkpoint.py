@@ -3,8 +3,9 @@
 A checkpoint folder counts only once its ``COMPLETE`` marker is there and still matches the
 folder: rank 0 writes it (atomically) after every rank has finished writing, listing each file
 with its size and checksum, so neither a crash mid-save nor a file cut short or altered later
-leaves a checkpoint that ``--resume`` would load. Resuming on another process count goes through
-DeepSpeed's universal checkpoint format (converted on the fly).
+leaves a checkpoint that ``--resume`` would load. Resuming on another process count or expert-parallel
+size goes through DeepSpeed's universal checkpoint format (converted on the fly; expert-parallel
+checkpoints by ``merge_expert_parallel``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from molora_ds.distributed import expert_parallel
 from molora_ds.inject import molora_layers
 
 log = logging.getLogger(__name__)
@@ -229,16 +234,17 @@ def recipe_changes(tag_dir: Path, recipe: dict) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
-def check_expert_parallel(tag_dir: Path, size: int, world: int) -> None:
-    """Expert-parallel checkpoints hold each rank's expert shard in DeepSpeed's per-rank optimizer files,
-    which its universal conversion does not merge: resume them only on the same layout."""
+def check_expert_parallel(tag_dir: Path, size: int, world: int, stage: int) -> None:
+    """Another expert-parallel layout (EP size or process count) resumes through the merged form
+    (``merge_expert_parallel``), which reads ZeRO-1/2's partitions: ZeRO-0 keeps each EP rank's whole
+    optimizer in a file of its own, which nothing merges."""
     meta = read_meta(tag_dir)
     saved = (meta.get("expert_parallel_size", 1), meta["world_size"])
-    if max(saved[0], size) > 1 and saved != (size, world):
+    if max(saved[0], size) > 1 and saved != (size, world) and stage not in (1, 2):
         raise ValueError(
             f"--resume: {tag_dir} was saved with expert_parallel_size={saved[0]} on {saved[1]} processes, this "
-            f"run has {size} on {world}: resume an expert-parallel run on the same layout (its exported adapter "
-            "loads anywhere)"
+            f"run has {size} on {world}: under ZeRO-{stage} resume an expert-parallel run on the same layout "
+            "(ZeRO-1 and 2 resume on another; its exported adapter loads anywhere)"
         )
 
 
@@ -249,6 +255,28 @@ def _client_state(meta: dict) -> dict:
     if meta.get("expert_parallel_size", 1) == 1:
         state["universal_checkpoint_info"] = {"universal_checkpoint_version": 0.2}
     return state
+
+
+@contextmanager
+def _without_frozen_aliases(module: torch.nn.Module) -> Iterator[None]:
+    """While saving, the module's state dict leaves out every frozen parameter under any name.
+
+    DeepSpeed's ``exclude_frozen_parameters`` drops frozen weights by the names ``named_parameters()``
+    gives, which lists a tied weight once: its alias (a tied lm_head, 113 MB for SmolLM2) stayed.
+    Entries are matched by storage; empty ones (ZeRO-3 partitions) are left to DeepSpeed."""
+    frozen = {
+        p.untyped_storage().data_ptr() for p in module.parameters() if not p.requires_grad and p.numel()
+    }
+
+    def drop(_module, state: dict, _prefix, _metadata) -> None:
+        for key in [k for k, v in state.items() if v.numel() and v.untyped_storage().data_ptr() in frozen]:
+            del state[key]
+
+    handle = module.register_state_dict_post_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def save(engine, root: Path, step: int, meta: dict, keep_last: int, experts=None) -> Path:
@@ -264,15 +292,16 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int, experts=None
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(
-        str(root),
-        tag=tag,
-        client_state=_client_state(meta),
-        save_latest=False,
-        # Only what training changes: the frozen base (18 GB for GLM-4-9B under ZeRO 0-2) comes
-        # from its own files at every start, and must not eat the preemption signal's margin.
-        exclude_frozen_parameters=True,
-    )
+    with _without_frozen_aliases(engine.module):
+        engine.save_checkpoint(
+            str(root),
+            tag=tag,
+            client_state=_client_state(meta),
+            save_latest=False,
+            # Only what training changes: the frozen base (18 GB for GLM-4-9B under ZeRO 0-2) comes
+            # from its own files at every start, and must not eat the preemption signal's margin.
+            exclude_frozen_parameters=True,
+        )
     if experts is not None:
         save_expert_shards(engine.module, root / tag, experts)
     dist.barrier()
@@ -315,29 +344,125 @@ def load_expert_shards(model, tag_dir: Path, experts) -> None:
 
 
 def to_universal(tag_dir: Path) -> Path:
-    """Convert (once, on rank 0) to DeepSpeed's universal format for loading on another process count."""
+    """Convert (once, on rank 0) to DeepSpeed's universal format for loading on another process count or
+    expert-parallel size: ``merge_expert_parallel`` for an expert-parallel checkpoint, DeepSpeed's own
+    conversion otherwise."""
     out = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
     if dist.get_rank() == 0 and not is_complete(out):
         shutil.rmtree(out, ignore_errors=True)
-        log.info("converting %s to a universal checkpoint for a different process count", tag_dir)
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(tag_dir),
-            "--output_folder",
-            str(out),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-        ]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=os.environ)
+        meta = read_meta(tag_dir)
+        log.info("converting %s to a universal checkpoint for another layout", tag_dir)
+        if meta.get("expert_parallel_size", 1) > 1:
+            merge_expert_parallel(tag_dir, out, meta["expert_parallel_size"], meta["world_size"])
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(tag_dir),
+                "--output_folder",
+                str(out),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=os.environ)
+        if meta.get("zero_stage") in (1, 2):  # the stages whose universal load slices expert tensors
+            _fit_any_expert_layout(out)
         shutil.copy(tag_dir / META, out / META)
         mark_complete(out)
     dist.barrier()
     return out
+
+
+def _load_pickle(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's own files, as it loads them
+
+
+def merge_expert_parallel(tag_dir: Path, out: Path, ep: int, world: int) -> None:
+    """The merged form of an expert-parallel ZeRO-1/2 checkpoint, in DeepSpeed's universal layout.
+
+    Each rank's ZeRO file holds its partition of every param group: the fp32 weights and the optimizer
+    state of the same flat shape (Adam's moments; the step is one scalar per group). A parameter's
+    fragments, concatenated in its group's rank order, are its flattened tensor: for a replicated one
+    over all ranks; for an expert shard over its EDP group (``expert_parallel.shard_ranks``), and the
+    ep shards then stack on the expert dimension. DeepSpeed's ``ds_to_universal`` would concatenate
+    every rank's expert fragments as one tensor's (it refuses these checkpoints).
+    """
+    from deepspeed.checkpoint.constants import CAT_DIM, PARAM
+
+    files = {
+        int(re.search(r"zero_pp_rank_(\d+)_", f.name)[1]): f
+        for f in tag_dir.glob("*zero_pp_rank_*optim_states.pt")
+    }
+    if sorted(files) != list(range(world)):
+        raise ValueError(
+            f"{tag_dir} holds ZeRO files of ranks {sorted(files)}, its metadata says {world} processes"
+        )
+    parts = [_load_pickle(files[r])["optimizer_state_dict"] for r in range(world)]
+    shapes = _load_pickle(tag_dir / "mp_rank_00_model_states.pt")["param_shapes"]
+    for g, group in enumerate(parts[0]["base_optimizer_state"]["param_groups"]):
+        flat = parts[0]["single_partition_of_fp32_groups"][g]
+        state = parts[0]["base_optimizer_state"]["state"].get(g, {})
+        keys = ["fp32", *(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)]
+        if group.get("moe"):
+            owners = [expert_parallel.shard_ranks(i, ep, world) for i in range(ep)]
+        else:
+            owners = [list(range(world))]
+        for name, shape in shapes[g].items():
+            folder = out / "zero" / name
+            folder.mkdir(parents=True)
+            for key in keys:
+                full = torch.cat(
+                    [
+                        torch.cat([_fragment(parts[r], g, name, key) for r in ranks]).view(shape)
+                        for ranks in owners
+                    ]
+                )
+                torch.save({PARAM: full, CAT_DIM: 0}, folder / f"{key}.pt")
+            if "step" in state:
+                torch.save(state["step"], folder / "step.pt")
+    sharded = ("base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings")
+    common = {k: v for k, v in parts[0].items() if k not in sharded}
+    common["param_groups"] = parts[0]["base_optimizer_state"]["param_groups"]
+    torch.save(common, out / "zero" / "optimizer_state.pt")
+    shutil.copy(tag_dir / "mp_rank_00_model_states.pt", out)
+
+
+def _fragment(part: dict, g: int, name: str, key: str) -> torch.Tensor:
+    """The piece of parameter ``name``'s ``key`` (``fp32`` or an optimizer state) in one rank's ZeRO partition."""
+    at = part["param_slice_mappings"][g].get(name)
+    if at is None:  # none of this parameter in this rank's partition
+        return torch.empty(0)
+    flat = (
+        part["single_partition_of_fp32_groups"][g]
+        if key == "fp32"
+        else part["base_optimizer_state"]["state"][g][key]
+    )
+    return flat.narrow(0, at.start, at.numel)
+
+
+def _fit_any_expert_layout(universal_dir: Path) -> None:
+    """Let a universal checkpoint load on any expert-parallel size: its expert tensors tagged as such
+    (DeepSpeed then slices them by EP rank), and its param groups without ``name`` and ``moe``, which
+    its load would copy over the loading run's own (ZeRO looks its EDP group up by that name)."""
+    path = universal_dir / "zero" / "optimizer_state.pt"
+    common = _load_pickle(path)
+    groups = common["param_groups"]
+    shapes = _load_pickle(universal_dir / "mp_rank_00_model_states.pt")["param_shapes"]
+    for group, names in zip(groups, shapes):
+        if expert_parallel.group_label(group) != "experts":
+            continue
+        for name in names:
+            for f in (universal_dir / "zero" / name).glob("*.pt"):
+                if f.name != "step.pt":
+                    saved = torch.load(f, weights_only=False)
+                    saved |= expert_parallel.universal_expert_tags(saved["param"].shape[0])
+                    torch.save(saved, f)
+    common["param_groups"] = [{k: v for k, v in g.items() if k not in ("name", "moe")} for g in groups]
+    torch.save(common, path)
 
 
 def load(engine, tag_dir: Path, experts=None) -> dict:
@@ -346,7 +471,8 @@ def load(engine, tag_dir: Path, experts=None) -> dict:
     path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
-    if experts is not None:
+    if experts is not None and not tag_dir.name.endswith(UNIVERSAL_SUFFIX):
+        # The universal load sets the working weights from the fp32 ones itself.
         load_expert_shards(engine.module, tag_dir, experts)
     if tag_dir.name.endswith(UNIVERSAL_SUFFIX) and engine.zero_optimization_stage() == 3:
         _repair_zero3_universal_load(engine.optimizer.optimizer, tag_dir)

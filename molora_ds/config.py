@@ -19,6 +19,9 @@ class MoLoRAConfig:
     ``auto`` picks by the cost rule of ``molora_ds.modules.sparse.use_sparse``).
     ``expert_parallel_size``: shard each layer's experts over this many ranks (DeepSpeed's expert-parallel
     groups, ``molora_ds.distributed.expert_parallel``); it must divide every expert count.
+    ``expert_parallel_mode``: ``auto`` | ``gather`` (all-gather the layer's experts, reduce-scatter their
+    gradients) | ``dispatch`` (all-to-all the selected (token, expert) pairs to the experts' ranks and back);
+    ``auto`` picks per layer by the cost model of ``expert_parallel.dispatch_wins``.
     """
 
     num_experts: int = 20
@@ -33,6 +36,7 @@ class MoLoRAConfig:
     include_vision: bool = False
     expert_compute: str = "auto"
     expert_parallel_size: int = 1
+    expert_parallel_mode: str = "auto"
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +77,11 @@ class MoLoRAConfig:
         if self.expert_parallel_size < 1:
             raise ValueError(
                 f"MoLoRAConfig: expert_parallel_size must be >= 1, got {self.expert_parallel_size}"
+            )
+        if self.expert_parallel_mode not in ("auto", "gather", "dispatch"):
+            raise ValueError(
+                f"MoLoRAConfig: expert_parallel_mode={self.expert_parallel_mode!r}; choose 'auto', 'gather' or "
+                "'dispatch'"
             )
         uneven = [c for c in counts if c % self.expert_parallel_size]
         if uneven:

@@ -93,6 +93,24 @@ def _text_config(config: PretrainedConfig) -> PretrainedConfig:
     return getattr(config, "text_config", None) or config
 
 
+def _adapter_bytes(layers: dict[str, nn.Module], act_bytes: int) -> int:
+    """Bytes per token that autograd saves in ``layers`` (MoLoRA layers), summed; see ``activation_bytes``."""
+    total = 0
+    inputs_seen: set[tuple[str, int]] = set()
+    for name, layer in layers.items():
+        index = re.search(r"\.(\d+)\.", name)
+        block = name[: index.end()] if index else name
+        sibling = ("q_proj", "k_proj", "v_proj") if name.endswith(("q_proj", "k_proj", "v_proj")) else (name,)
+        key = (block + "/".join(sibling), layer.in_features)
+        shared = 0 if key in inputs_seen else act_bytes * layer.in_features
+        inputs_seen.add(key)
+        dropout = 2 * act_bytes * layer.in_features if isinstance(layer.dropout, nn.Dropout) else 0
+        e = layer.num_experts
+        router = 16 * e + 20 * layer.top_k + 4
+        total += shared + dropout + router + act_bytes * e * layer.rank
+    return total
+
+
 def activation_bytes(
     model: nn.Module, config: PretrainedConfig, micro: int, seq: int, act_bytes: int, checkpointing: bool
 ) -> int:
@@ -105,6 +123,7 @@ def activation_bytes(
 
         2 RMSNorms:       2 * (4h + 8)           their input upcast to fp32, the variance, 1/rms
         attention (SDPA): a * 4 n d + 4 n        q, k, v (repeated), output; log-sum-exp (fp32)
+                          + a * seq              its own float copy of the boolean padding mask
         MLP:              a * 3f                 gate pre-activation, its SiLU, up
         per MoLoRA layer: a * in  (router input; shared by the q/k/v of one layer)
                           + 2a * in              the dropped-out input and its mask (a float mask
@@ -113,38 +132,67 @@ def activation_bytes(
                                                  top-k values (fp32) and indices (int64, twice); sum
                           + a * E r              A x
 
-    plus, once per micro-batch, the attention mask (4 * micro * seq^2 bytes), RoPE's cos and sin
-    (8 * seq * d) and the logits at the answer positions (micro * min(micro, seq) * vocab * (a + 8):
-    logits, fp32 copy, their gradient).
+    plus, once per micro-batch, RoPE's cos and sin (8 * seq * d) and the logits at the answer
+    positions (micro * min(micro, seq) * vocab * (a + 8): logits, fp32 copy, their gradient).
     The backward holds one layer's worth again as gradients in flight. With gradient checkpointing
     (per decoder layer) each layer keeps only its input (a * h per token) and one layer at a time
-    is recomputed, so the total is  L * a * h * tokens + 2 * (one layer) + mask + logits.
+    is recomputed, so the total is  L * a * h * tokens + 2 * (one layer) + RoPE + logits.
+    A vision-language model's text layers are counted so (its ``seq`` includes the image tokens);
+    MoLoRA layers in its vision tower add ``vision_activation_bytes``.
     """
     text = _text_config(config)
     h, f, n = text.hidden_size, text.intermediate_size, text.num_attention_heads
     d = getattr(text, "head_dim", None) or h // n
     num_layers = text.num_hidden_layers
-    per_token = 2 * (4 * h + 8) + act_bytes * 4 * n * d + 4 * n + act_bytes * 3 * f
-    adapter_per_layer = 0
-    inputs_seen: set[tuple[str, int]] = set()
-    for name, layer in molora_layers(model).items():
-        index = re.search(r"\.(\d+)\.", name)
-        block = name[: index.end()] if index else name
-        sibling = ("q_proj", "k_proj", "v_proj") if name.endswith(("q_proj", "k_proj", "v_proj")) else (name,)
-        key = (block + "/".join(sibling), layer.in_features)
-        shared = 0 if key in inputs_seen else act_bytes * layer.in_features
-        inputs_seen.add(key)
-        dropout = 2 * act_bytes * layer.in_features if isinstance(layer.dropout, nn.Dropout) else 0
-        e = layer.num_experts
-        router = 16 * e + 20 * layer.top_k + 4
-        adapter_per_layer += shared + dropout + router + act_bytes * e * layer.rank
-    adapter_per_token = adapter_per_layer / num_layers  # the adapted layers' share, spread evenly
+    per_token = 2 * (4 * h + 8) + act_bytes * (4 * n * d + seq) + 4 * n + act_bytes * 3 * f
+    layers = molora_layers(model)
+    vision = {k: v for k, v in layers.items() if ".vision_tower." in f".{k}"}
+    text_layers = {k: v for k, v in layers.items() if k not in vision}
+    adapter_per_token = _adapter_bytes(text_layers, act_bytes) / num_layers  # spread evenly
     tokens = micro * seq
     one_layer = (per_token + adapter_per_token) * tokens
-    fixed = 4 * micro * seq * seq + 8 * seq * d + micro * min(micro, seq) * text.vocab_size * (act_bytes + 8)
+    fixed = 8 * seq * d + micro * min(micro, seq) * text.vocab_size * (act_bytes + 8)
+    if vision:
+        fixed += vision_activation_bytes(config, vision, micro, act_bytes, checkpointing)
     if checkpointing:
         return int(num_layers * act_bytes * h * tokens + 2 * one_layer + fixed)
     return int((num_layers + 1) * one_layer + fixed)
+
+
+def vision_activation_bytes(
+    config: PretrainedConfig, layers: dict[str, nn.Module], images: int, act_bytes: int, checkpointing: bool
+) -> int:
+    """What a LLaVA's CLIP tower with MoLoRA ``layers`` (``molora.include_vision``) keeps for backward.
+
+    Each of ``images`` images is (image_size / patch)^2 patches + 1 class token, through all the
+    tower's layers: the features come from ``vision_feature_layer`` (-2), but the last layer runs too
+    and transformers 5.x keeps the tower's output in the model's output (``image_outputs``), so its
+    saved tensors live until the forward returns, when the text model's are all saved. Per layer and
+    image token, with the tower's hidden h, heads n, intermediate f (CLIPEncoderLayer: pre-norm
+    attention and MLP; the residual adds save nothing):
+
+        2 LayerNorms:     2 * (a h + 8)          input; mean and 1/std (fp32)
+        attention (SDPA): a * 4h + 4n            q, k, v, output; log-sum-exp (fp32)
+        MLP:              a * 2f                 fc1's output and quick_gelu's sigmoid (a * f for gelu)
+        MoLoRA layers:    as in ``activation_bytes``, per image token
+
+    plus the projector's GELU input (a * text hidden per patch; the class token is dropped first).
+    With gradient checkpointing each layer saves only its input (a * h per image token); its
+    recomputation comes after the text model's backward, whose two layers in flight are the peak.
+    A frozen tower (no MoLoRA layers in it) saves nothing: it only holds one layer's intermediates
+    and its hidden states while it runs, before the text model starts (LLaVA-1.5-7B: ~40 MB per
+    image), below the text model's peak, so it is not counted.
+    """
+    v = config.vision_config
+    h, f, n, depth = v.hidden_size, v.intermediate_size, v.num_attention_heads, v.num_hidden_layers
+    patches = (v.image_size // v.patch_size) ** 2
+    tokens = images * (patches + 1)
+    projector = act_bytes * images * patches * _text_config(config).hidden_size
+    if checkpointing:
+        return depth * act_bytes * h * tokens + projector
+    mlp = act_bytes * (2 if v.hidden_act == "quick_gelu" else 1) * f
+    per_token = 2 * (act_bytes * h + 8) + act_bytes * 4 * h + 4 * n + mlp
+    return depth * per_token * tokens + _adapter_bytes(layers, act_bytes) * tokens + projector
 
 
 @dataclass
@@ -161,6 +209,9 @@ class MemoryPlan:
     per_gpu_bytes: dict[str, int]
     activations_bytes: dict[str, int]
     cpu_offload_bytes: int
+    host_bytes_per_rank: dict[str, int]
+    gpus_per_node: int
+    host_bytes_per_node: int
     gpu_memory_bytes: int
     gpu_reserve_bytes: int
     fits: bool
@@ -190,6 +241,7 @@ def memory_plan(
     gpu_memory: int,
     checkpointing: bool = False,
     model: nn.Module | None = None,
+    gpus_per_node: int = 8,
 ) -> MemoryPlan:
     """The per-rank memory of ``recipe`` under the DeepSpeed config ``ds`` on ``world`` ranks.
 
@@ -211,6 +263,9 @@ def memory_plan(
         forward copies    each layer's B stacked as [out, E r] (a copy, s bytes) kept for backward
         activations       ``activation_bytes``
         build peak excess how far building the model peaks above the rest (``_build_peak``)
+
+    and in host memory per node (``host_bytes``): its ranks' offloaded state and DeepSpeed's
+    pinned staging buffers, or the model's load if that is larger.
     """
     model = model if model is not None else meta_model(model_config(recipe.model))
     if not molora_layers(model):
@@ -239,6 +294,7 @@ def memory_plan(
         # first, but one CPU run of bench/bench_plan.py held two (freed by the garbage collector).
         buffers = 2 if overlap and z < 3 else 1
         bucket = buffers * _zero_option(ds, "reduce_bucket_size", 5e8) * (4 if z == 1 else s)
+    per_rank_batch = recipe.train.global_batch // world
     opt = recipe.optim
     state_per_param = (8 if opt.is_adam else 4 * (opt.momentum > 0)) + (4 if bf16 or z >= 1 else 0)
     optimizer = state_per_param * p.trainable / optimizer_shards
@@ -256,6 +312,16 @@ def memory_plan(
     if _offloaded(ds, "offload_param") and z == 3:
         offload += base + adapter - s * gathered
         base, adapter = s * gathered, 0
+    load_dtype = recipe.model.dtype  # "auto": the checkpoint's, as config.json names it
+    if load_dtype == "auto":
+        load_dtype = str(getattr(model.config, "dtype", None)).removeprefix("torch.")
+    load = {"float32": 4, "bfloat16": 2, "float16": 2}.get(load_dtype, 4) * p.base
+    host = host_bytes(ds, p, layers, world, s, offload, per_rank_batch // micro, load)
+    ranks = min(world, gpus_per_node)
+    if z == 3:  # rank 0 loads; with offload_param, zero.Init puts every rank's shard on the host meanwhile
+        host_node = ranks * host["offload"] + host["load"]
+    else:  # the loaded weights move to the GPU before DeepSpeed allocates the offloaded state
+        host_node = ranks * max(host["offload"], host["load"])
     parts = {
         "base_weights": base,
         "adapter_weights": adapter,
@@ -273,7 +339,6 @@ def memory_plan(
     def fits(total: int) -> bool:
         return total + GPU_RESERVE <= gpu_memory
 
-    per_rank_batch = recipe.train.global_batch // world
     candidates = [m for m in range(1, per_rank_batch + 1) if per_rank_batch % m == 0]
     largest = None
     for m in candidates:
@@ -291,12 +356,46 @@ def memory_plan(
         per_gpu_bytes=parts,
         activations_bytes={"without_checkpointing": acts[False], "with_checkpointing": acts[True]},
         cpu_offload_bytes=int(offload),
+        host_bytes_per_rank=host,
+        gpus_per_node=gpus_per_node,
+        host_bytes_per_node=int(host_node),
         gpu_memory_bytes=gpu_memory,
         gpu_reserve_bytes=GPU_RESERVE,
         fits=fits(parts["total"]),
         largest_micro_batch=largest,
         deepspeed_estimate_bytes=deepspeed_estimate(p, z, world, ds),
     )
+
+
+def host_bytes(
+    ds: dict, p: Params, layers: list, world: int, s: int, offload: float, accumulation: int, load: int
+) -> dict[str, int]:
+    """Host (CPU) bytes of one rank: ``offload``, what it holds while training, and ``load``, what
+    loading the model costs it (rank 0 only under ZeRO-3).
+
+    Offload: ``cpu_offload_bytes`` plus, under ZeRO-1/2 with ``offload_optimizer``, DeepSpeed's
+    staging buffers (pinned when ``pin_memory``): a 16-bit copy of the rank's parameter shard
+    (s P_t / w), one gradient buffer of the largest trainable parameter, and with gradient
+    accumulation the 16-bit gradients of the rank's shard (s P_t / w). ZeRO-3's own buffers are
+    not counted.
+
+    Load (transformers 5.x ``from_pretrained``): without ZeRO-3 every rank builds the model on the
+    meta device and takes each weight from the memory-mapped safetensors, in the load dtype
+    (``model.dtype``: float32 unless the recipe says otherwise), so it holds the whole base
+    (``load`` = b P_b, b its bytes) until DeepSpeed moves it to the GPU, before the optimizer is
+    built. When the checkpoint is already in that dtype the tensors are the file's mapped pages,
+    which the node's ranks share (one copy per node, page cache); a conversion (a bf16 checkpoint
+    loaded in float32, LLaVA-1.5's fp16 in bf16) gives each rank its own copy, the figure counted
+    here. Under ZeRO-3 the model is built inside ``zero.Init`` (partitioned; on the GPU, or on the
+    host with ``offload_param``) and only rank 0 maps the checkpoint and copies it in layer by
+    layer: about the checkpoint's size on the first node, counted as b P_b.
+    """
+    z = int(ds.get("zero_optimization", {}).get("stage", 0))
+    staging = 0
+    if _offloaded(ds, "offload_optimizer") and z in (1, 2):
+        largest = max(max(m.lora_A.numel(), m.lora_B.numel(), m.router.weight.numel()) for m in layers)
+        staging = s * p.trainable / world * (2 if accumulation > 1 else 1) + s * largest
+    return {"offload": int(offload + staging), "load": load}
 
 
 def _build_peak(recipe: Recipe, model: nn.Module, p: Params) -> int:
@@ -361,6 +460,9 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  activations without / with gradient checkpointing: {gib(acts['without_checkpointing']).strip()} / "
         f"{gib(acts['with_checkpointing']).strip()}",
         f"  offloaded to CPU per rank: {gib(plan.cpu_offload_bytes).strip()}",
+        f"  host memory per node of {plan.gpus_per_node} GPUs: {gib(plan.host_bytes_per_node).strip()} "
+        f"(per rank: {gib(plan.host_bytes_per_rank['offload']).strip()} offloaded state and staging buffers, "
+        f"{gib(plan.host_bytes_per_rank['load']).strip()} while loading the model)",
         f"{'fits' if plan.fits else 'does NOT fit'} in {plan.gpu_memory_bytes / GIB:.0f} GiB; largest micro-batch "
         f"that fits: {plan.largest_micro_batch or 'none'}",
     ]

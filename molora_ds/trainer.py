@@ -75,7 +75,17 @@ class Trainer:
         self.layer_names = apply_molora(self.model, recipe.molora)
         ep = recipe.molora.expert_parallel_size
         layers = molora_layers(self.model)
-        self.experts = expert_parallel.shard_experts(self.model, layers, ep) if ep > 1 else None
+        self.experts = None
+        if ep > 1:  # auto mode decides per layer for the most tokens a micro-batch can hold
+            tokens = self.micro * recipe.data.max_len
+            self.experts = expert_parallel.shard_experts(
+                self.model, layers, ep, recipe.molora.expert_parallel_mode, tokens
+            )
+            dispatched = sum(layer.dispatch for layer in layers.values())
+            self._log(
+                f"expert parallelism over {ep} ranks ({recipe.molora.expert_parallel_mode}, {tokens} tokens per "
+                f"micro-batch): {len(layers) - dispatched} layers gather their experts, {dispatched} dispatch tokens"
+            )
         # from_pretrained returns a model in eval mode, a config-built one is in train mode: say which,
         # so that the base model's own dropout does not depend on the loader.
         self.model.train()
@@ -108,10 +118,13 @@ class Trainer:
         # By label: DeepSpeed renames the expert-parallel group in initialize.
         self.base_lrs = {expert_parallel.group_label(g): g["lr"] for g in self.optimizer.param_groups}
 
-        # Resume target first: another process count needs the universal format, set before initialize.
+        # Resume target first: another process count or expert-parallel size needs the universal format,
+        # set before initialize.
         self.ckpt_root = self.run_dir / "checkpoints"
-        if self.resume_from and checkpoint.read_meta(self.resume_from)["world_size"] != self.world:
-            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        if self.resume_from:
+            saved = checkpoint.read_meta(self.resume_from)
+            if (saved["world_size"], saved.get("expert_parallel_size", 1)) != (self.world, ep):
+                self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=self.ds_config

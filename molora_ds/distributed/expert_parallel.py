@@ -2,12 +2,16 @@
 
 With ``expert_parallel_size = ep``, each layer's E experts are split into ep shards of E/ep along the
 expert dimension; rank ``i`` of an expert-parallel (EP) group stores shard ``i`` and keeps its optimizer
-state. The forward all-gathers the layer's shards inside the EP group (weight gather: ~E*r*(in+out)
-elements per layer, against ~T*k*(in+out) for dispatching tokens, so the weights are the cheaper thing
-to move for LoRA experts at any batch worth training on); the backward reduce-scatters their gradients,
-summed. DeepSpeed then reduces each shard's gradient over its expert-data-parallel (EDP) group and
-divides by the whole data-parallel size (as for its own experts), which gives the gradient of the global
-mean loss. The router stays replicated and is reduced over all ranks as before.
+state. Each layer computes with them one of two ways (``MoLoRAConfig.expert_parallel_mode``):
+- weight gather (``ExpertGroup.gather``): the forward all-gathers the layer's shards inside the EP group,
+  the backward reduce-scatters their gradients, summed;
+- token dispatch (``ExpertGroup.dispatch``, ``token_dispatch.py``): each selected (token, expert) pair
+  travels to the expert's rank and its result back (all-to-all), and the local experts' gradients are the
+  sum over every rank's pairs.
+``auto`` picks per layer by the cost model of ``dispatch_wins``. Either way DeepSpeed then reduces each
+shard's gradient over its expert-data-parallel (EDP) group and divides by the whole data-parallel size
+(as for its own experts), which gives the gradient of the global mean loss. The router stays replicated
+and is reduced over all ranks as before.
 
 DeepSpeed's conventions, all kept here:
 - groups: ``deepspeed.utils.groups._create_expert_and_data_parallel(ep)``, named ``ep_size_<ep>``
@@ -15,7 +19,10 @@ DeepSpeed's conventions, all kept here:
 - parameter tags: ``param.allreduce = False`` and ``param.group_name = <group name>``;
 - the optimizer's expert param group is named after the group and marked ``"moe": True``;
 - the engine turns its MoE handling on only when the model holds a ``deepspeed.moe.layer.MoE``:
-  ``shard_experts`` adds an empty one (``_engine_moe_flag``) that holds no parameter and no expert.
+  ``shard_experts`` adds an empty one (``_engine_moe_flag``) that holds no parameter and no expert;
+- checkpoints: ZeRO-1/2 saves each rank's partition of its groups, the expert group partitioned over
+  the EDP group (``shard_ranks``); in a universal checkpoint a tensor tagged ``universal_expert_tags``
+  holds all E experts and loads as the loading rank's E/ep (``checkpoint.merge_expert_parallel``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,20 @@ from torch import nn
 # parameter tags alone, and importing deepspeed costs seconds.
 
 STAGES = (0, 1, 2)  # ZeRO stages with expert parallelism (DeepSpeed refuses its MoE under ZeRO-3)
+MODES = ("auto", "gather", "dispatch")
+
+
+def dispatch_wins(num_experts: int, rank: int, top_k: int, tokens: int, reduce_scatter: bool = True) -> bool:
+    """The ``expert_parallel_mode="auto"`` rule: token dispatch iff it moves fewer elements than weight gather.
+
+    Per layer and rank, forward + backward, each volume times ``(ep-1)/ep`` (the share bound for other
+    ranks): weight gather all-gathers ``E*r*(in+out)`` weights and reduce-scatters as many gradients,
+    ``2*E*r*(in+out)`` (``3*...`` where the reduction is an all-reduce, as on gloo); token dispatch sends
+    each of the ``T*k`` pairs' x row out and y row back, and dy, dx the same way, ``2*T*k*(in+out)``. So
+    dispatch wins below ``T* = E*r/k`` tokens per rank (``1.5*E*r/k`` on gloo): bench/bench_ep_comm.py
+    measures both ways beside this prediction.
+    """
+    return 2 * tokens * top_k < (2 if reduce_scatter else 3) * num_experts * rank
 
 
 def group_name(size: int) -> str:
@@ -78,6 +99,13 @@ class ExpertGroup:
         """The layer's experts from every rank's shard, differentiable (the backward reduce-scatters)."""
         return _GatherExperts.apply(shard, self)
 
+    def dispatch(self, x, lora_a, lora_b, gates, top_k: int, scaling: float, rescale: bool) -> torch.Tensor:
+        """The mixture's delta for this rank's tokens, computed by token dispatch with the shards ``lora_a``,
+        ``lora_b`` (``token_dispatch.dispatch_mixture``)."""
+        from molora_ds.distributed.token_dispatch import dispatch_mixture
+
+        return dispatch_mixture(x, lora_a, lora_b, gates, top_k, scaling, rescale, self.group)
+
 
 class _GatherExperts(torch.autograd.Function):
     """Forward: the EP group's shards concatenated along dim 0. Backward: each rank's shard of the summed gradient."""
@@ -122,20 +150,44 @@ def _engine_moe_flag(ep: ExpertGroup) -> nn.Module:
     return EngineMoEFlag()
 
 
-def shard_experts(model: nn.Module, layers: dict[str, nn.Module], size: int) -> ExpertGroup:
+def shard_experts(
+    model: nn.Module, layers: dict[str, nn.Module], size: int, mode: str = "auto", tokens: int = 0
+) -> ExpertGroup:
     """Keep only this rank's experts in every MoLoRA layer (in place), tag them for DeepSpeed, and flag the model.
 
-    Call after ``apply_molora`` on the same seed on every rank (so the shards are slices of one adapter)
-    and before ``deepspeed.initialize``.
+    ``mode``: ``gather`` | ``dispatch`` | ``auto`` (per layer, ``dispatch_wins`` for ``tokens``, the most
+    tokens a rank's micro-batch holds: the same on every rank, as the choice must be). Call after
+    ``apply_molora`` on the same seed on every rank (so the shards are slices of one adapter) and before
+    ``deepspeed.initialize``.
     """
+    if mode not in MODES:
+        raise ValueError(f"expert_parallel_mode={mode!r}; choose one of {MODES}")
     ep = ExpertGroup(size)
     for layer in layers.values():
-        layer.shard_experts(ep)
+        dispatch = mode == "dispatch" or (
+            mode == "auto"
+            and dispatch_wins(layer.num_experts, layer.rank, layer.top_k, tokens, ep.reduce_scatter)
+        )
+        layer.shard_experts(ep, dispatch)
         for p in (layer.lora_A, layer.lora_B):
             p.allreduce = False
             p.group_name = ep.name
     model.add_module("expert_parallel_flag", _engine_moe_flag(ep))
     return ep
+
+
+def shard_ranks(ep_rank: int, size: int, world: int) -> list[int]:
+    """The global ranks that hold expert shard ``ep_rank``, in their EDP group's order (EP groups of
+    consecutive ranks, EDP groups strided: ``_create_expert_and_data_parallel``'s layout)."""
+    return list(range(ep_rank, world, size))
+
+
+def universal_expert_tags(num_experts: int) -> dict:
+    """The keys that mark a universal checkpoint's tensor as all ``num_experts`` experts stacked on dim 0:
+    DeepSpeed's universal load then gives each rank its EP rank's slice (``ExpertGroup.shard``'s)."""
+    from deepspeed.checkpoint.constants import EP_IS_EXPERT_PARAM, EP_NUM_EXPERTS
+
+    return {EP_IS_EXPERT_PARAM: True, EP_NUM_EXPERTS: num_experts}
 
 
 def is_expert_shard(p: torch.Tensor) -> bool:

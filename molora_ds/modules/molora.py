@@ -61,6 +61,7 @@ class MoLoRALinear(nn.Module):
         self.load_balance_coef = load_balance_coef
         self.expert_compute = expert_compute
         self.expert_group = None  # set by shard_experts: this rank keeps only its experts
+        self.dispatch = False  # set by shard_experts: tokens travel to the experts, not the experts here
         self.expert_load: torch.Tensor | None = None
         self.routed_slots: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
@@ -88,14 +89,21 @@ class MoLoRALinear(nn.Module):
         gates, probs = self.router(tokens)
         dropped = self.dropout(tokens).to(self.lora_A.dtype)
         lora_a, lora_b = self.lora_A, self.lora_B
-        if self.expert_group is not None:
-            lora_a, lora_b = self.expert_group.gather(lora_a), self.expert_group.gather(lora_b)
-        if self.sparse:
-            delta = sparse_mixture_of_lora_experts(
+        if self.dispatch:
+            delta = self.expert_group.dispatch(
                 dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
             )
         else:
-            delta = mixture_of_lora_experts(dropped, lora_a, lora_b, gates, self.scaling, self.gate_rescale)
+            if self.expert_group is not None:
+                lora_a, lora_b = self.expert_group.gather(lora_a), self.expert_group.gather(lora_b)
+            if self.sparse:
+                delta = sparse_mixture_of_lora_experts(
+                    dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
+                )
+            else:
+                delta = mixture_of_lora_experts(
+                    dropped, lora_a, lora_b, gates, self.scaling, self.gate_rescale
+                )
         training = torch.is_grad_enabled()  # evaluation forwards are not training load
         with torch.no_grad():
             slots = (gates > 0).sum(0)
@@ -107,14 +115,15 @@ class MoLoRALinear(nn.Module):
         )
         return y + delta.reshape(y.shape).to(y.dtype)
 
-    def shard_experts(self, expert_group) -> None:
-        """Keep only this rank's experts (``expert_group.shard``); the forward gathers the others'.
+    def shard_experts(self, expert_group, dispatch: bool = False) -> None:
+        """Keep only this rank's experts (``expert_group.shard``); the forward gathers the others' or, with
+        ``dispatch``, sends each selected (token, expert) pair to its expert's rank (always sparse there).
 
         ``expert_group`` is a ``molora_ds.distributed.expert_parallel.ExpertGroup``.
         """
         self.lora_A = nn.Parameter(expert_group.shard(self.lora_A.detach()).clone())
         self.lora_B = nn.Parameter(expert_group.shard(self.lora_B.detach()).clone())
-        self.expert_group = expert_group
+        self.expert_group, self.dispatch = expert_group, dispatch
 
     @property
     def sparse(self) -> bool:

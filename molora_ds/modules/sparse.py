@@ -82,40 +82,46 @@ def _sampled(plan: PairPlan, left: torch.Tensor, right_rows: torch.Tensor) -> to
 
 
 class SparseMixtureOfLoRAExperts(torch.autograd.Function):
-    """``y_t = s * sum_j g_tj B_e A_e x_t`` over each token's k selected experts ``e = idx[t, j]``."""
+    """``y_t = s * sum_j g_tj B_e A_e x_t`` over each token's k selected experts ``e = idx[t, j]``.
+
+    Autocast is off inside: the caller casts the inputs (``selected_lora_experts``), and an active autocast
+    would recast the products to bf16, which the CPU CSR kernels do not implement.
+    """
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, gates, plan: PairPlan, scaling: float, rescale: bool):  # type: ignore[override]
-        num_experts, rank, in_features = lora_a.shape
-        a_cat = lora_a.reshape(num_experts * rank, in_features)
-        b_cat = lora_b.transpose(1, 2).reshape(num_experts * rank, -1)
-        h = _sampled(plan, x, a_cat)
-        g = gates.to(x.dtype).repeat_interleave(rank, dim=-1).reshape(-1)
-        y = (plan.matrix(h * g) @ b_cat).mul_(scaling)
-        ctx.save_for_backward(x, lora_a, b_cat, gates, h)
-        ctx.plan, ctx.scaling, ctx.rescale = plan, scaling, rescale
-        return y
+        with torch.autocast(x.device.type, enabled=False):
+            num_experts, rank, in_features = lora_a.shape
+            a_cat = lora_a.reshape(num_experts * rank, in_features)
+            b_cat = lora_b.transpose(1, 2).reshape(num_experts * rank, -1)
+            h = _sampled(plan, x, a_cat)
+            g = gates.to(x.dtype).repeat_interleave(rank, dim=-1).reshape(-1)
+            y = (plan.matrix(h * g) @ b_cat).mul_(scaling)
+            ctx.save_for_backward(x, lora_a, b_cat, gates, h)
+            ctx.plan, ctx.scaling, ctx.rescale = plan, scaling, rescale
+            return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, lora_a, b_cat, gates, h = ctx.saved_tensors
-        plan, s = ctx.plan, ctx.scaling
-        num_experts, rank, in_features = lora_a.shape
-        u = _sampled(plan, dy, b_cat).mul_(s)  # d loss / d (h * g)
-        d_gates = None
-        if ctx.needs_input_grad[3]:
-            d_gates = (u * h).view(*gates.shape, rank).sum(-1).to(gates.dtype)
-        g = gates.repeat_interleave(rank, dim=-1).reshape(-1)
-        w = (g.sqrt() if ctx.rescale else g).to(x.dtype)
-        dh = u.mul_(w)
-        dx = da = db = None
-        if ctx.needs_input_grad[0]:
-            dx = plan.matrix(dh) @ lora_a.reshape(num_experts * rank, in_features)
-        if ctx.needs_input_grad[1]:
-            da = (plan.transposed(dh) @ x).view_as(lora_a)
-        if ctx.needs_input_grad[2]:
-            db = (plan.transposed(h * w) @ dy).mul_(s).view(num_experts, rank, -1).transpose(1, 2)
-        return dx, da, db, d_gates, None, None, None
+        with torch.autocast(dy.device.type, enabled=False):
+            x, lora_a, b_cat, gates, h = ctx.saved_tensors
+            plan, s = ctx.plan, ctx.scaling
+            num_experts, rank, in_features = lora_a.shape
+            u = _sampled(plan, dy, b_cat).mul_(s)  # d loss / d (h * g)
+            d_gates = None
+            if ctx.needs_input_grad[3]:
+                d_gates = (u * h).view(*gates.shape, rank).sum(-1).to(gates.dtype)
+            g = gates.repeat_interleave(rank, dim=-1).reshape(-1)
+            w = (g.sqrt() if ctx.rescale else g).to(x.dtype)
+            dh = u.mul_(w)
+            dx = da = db = None
+            if ctx.needs_input_grad[0]:
+                dx = plan.matrix(dh) @ lora_a.reshape(num_experts * rank, in_features)
+            if ctx.needs_input_grad[1]:
+                da = (plan.transposed(dh) @ x).view_as(lora_a)
+            if ctx.needs_input_grad[2]:
+                db = (plan.transposed(h * w) @ dy).mul_(s).view(num_experts, rank, -1).transpose(1, 2)
+            return dx, da, db, d_gates, None, None, None
 
 
 def sparse_mixture_of_lora_experts(
@@ -129,6 +135,22 @@ def sparse_mixture_of_lora_experts(
 ) -> torch.Tensor:
     """Same arguments and result as ``mixture_of_lora_experts`` (dense ``gates [T, E]``, zeros off the
     top k), computing only the top_k selected experts per token."""
+    indices = gates.detach().topk(top_k, dim=-1).indices.sort(dim=-1).values  # CSR: ascending columns
+    selected = gates.gather(-1, indices)  # differentiable: the router's gradient flows back here
+    return selected_lora_experts(x, lora_a, lora_b, selected, indices, scaling, rescale)
+
+
+def selected_lora_experts(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    selected: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: float,
+    rescale: bool,
+) -> torch.Tensor:
+    """``y_t = s * sum_j selected[t, j] B_e A_e x_t`` with ``e = indices[t, j]`` (``[T, k]`` each, indices
+    ascending along k): the pairs given explicitly (token dispatch hands over one pair per row)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):  # as in the dense path: cast before the Function
         dtype = torch.get_autocast_dtype(device)
@@ -136,9 +158,7 @@ def sparse_mixture_of_lora_experts(
     out_dtype = x.dtype
     if x.dtype not in KERNEL_DTYPES:
         x, lora_a, lora_b = x.float(), lora_a.float(), lora_b.float()
-    indices = gates.detach().topk(top_k, dim=-1).indices.sort(dim=-1).values  # CSR: ascending columns
     plan = plan_pairs(indices, lora_a.shape[0], lora_a.shape[1])
-    selected = gates.gather(-1, indices)  # differentiable: the router's gradient flows back here
     y = SparseMixtureOfLoRAExperts.apply(x, lora_a, lora_b, selected, plan, scaling, rescale)
     return y.to(out_dtype)
 

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 tests/distributed/ep_layer_worker.py OUT.pt
 
 The router is set so that no token selects experts 2 and 3, which rank 1 owns: that rank computes
-nothing for its own experts, yet takes part in every collective. Rank 0 writes, for the dense and
-the sparse path, the output and the gradients of x, the router and the full A and B (its shard's
+nothing for its own experts (under token dispatch it receives no pair), yet takes part in every
+collective. Rank 0 writes, for weight gather with the dense and the sparse path and for token dispatch (also
+an fp32 layer under bf16 autocast), the output and the gradients of x, the router and the full A and B (its shard's
 and rank 1's, gathered), and the same from an unsharded copy of the layer computed on rank 0 alone.
 """
 
@@ -22,12 +23,21 @@ from molora_ds import MoLoRALinear
 from molora_ds.distributed.expert_parallel import ExpertGroup, gather_full
 
 IN, OUT, EXPERTS, RANK, TOP_K, TOKENS = 16, 12, 4, 2, 2, 24
+WAYS = (  # name, expert_compute, token dispatch, an fp32 layer under bf16 autocast (else float64)
+    ("dense", "dense", False, False),
+    ("sparse", "sparse", False, False),
+    ("dispatch", "sparse", True, False),
+    ("dispatch_bf16", "sparse", True, True),
+)
 
 
-def run(layer: MoLoRALinear, x: torch.Tensor, dy: torch.Tensor, ep: ExpertGroup | None) -> list[torch.Tensor]:
-    x = x.clone().requires_grad_(True)
-    y = layer(x)
-    y.backward(dy)
+def run(
+    layer: MoLoRALinear, x: torch.Tensor, dy: torch.Tensor, ep: ExpertGroup | None, bf16: bool = False
+) -> list[torch.Tensor]:
+    x = x.to(layer.lora_A.dtype).clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = layer(x)
+    y.backward(dy.to(y.dtype))
     grads = [layer.lora_A.grad, layer.lora_B.grad]
     if ep is not None:
         grads = [gather_full(g, ep) for g in grads]
@@ -39,21 +49,22 @@ def main(out: str) -> int:
     torch.manual_seed(0)
     x, dy = torch.randn(TOKENS, IN, dtype=torch.float64).abs(), torch.randn(TOKENS, OUT, dtype=torch.float64)
     results = {}
-    for compute in ("dense", "sparse"):
+    for name, compute, dispatch, bf16 in WAYS:
         torch.manual_seed(1)
+        dtype = torch.float32 if bf16 else torch.float64
         layer = MoLoRALinear(
-            nn.Linear(IN, OUT, dtype=torch.float64), EXPERTS, RANK, TOP_K, alpha=4.0, expert_compute=compute
+            nn.Linear(IN, OUT, dtype=dtype), EXPERTS, RANK, TOP_K, alpha=4.0, expert_compute=compute
         )
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.5)
             layer.router.weight.normal_(0, 1.0)
             layer.router.weight[2:] = -100 * layer.router.weight[:2].abs().sum(0)  # x >= 0: experts 2, 3 lose
-        full = copy.deepcopy(layer)
+        full = copy.deepcopy(layer).double()
         ep = ExpertGroup(2)
-        layer.shard_experts(ep)
-        results[compute] = run(layer, x, dy, ep)
-        results[compute + "_reference"] = run(full, x, dy, None)
-        results[compute + "_load"] = layer.expert_load
+        layer.shard_experts(ep, dispatch)
+        results[name] = run(layer, x, dy, ep, bf16)
+        results[name + "_reference"] = run(full, x, dy, None)
+        results[name + "_load"] = layer.expert_load
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()

@@ -1,18 +1,21 @@
 """Expert parallelism on 2 gloo processes against the same runs without it.
 
 - The real ``Trainer`` (tests/distributed/parity_worker.py, one torchrun launch): EP=2 against EP=1 on
-  the same global batch, rsgd and gradamw, ZeRO-1 and ZeRO-2, 4 steps: losses per step and every adapter
-  tensor of the exported adapter (gathered by the EP run into one file of the unsharded shapes).
+  the same global batch, for both ways (``expert_parallel_mode`` gather and dispatch), rsgd and gradamw,
+  ZeRO-0, 1 and 2, 4 steps: losses per step and every adapter tensor of the exported adapter (gathered by
+  the EP run into one file of the unsharded shapes).
 - One layer (tests/distributed/ep_layer_worker.py) whose rank-1 experts receive no token: it finishes,
-  and its output and gradients equal the unsharded layer's.
+  and its output and gradients equal the unsharded layer's, for weight gather (dense and sparse compute)
+  and token dispatch.
 - Resume with EP: a run resumed from its step-3 checkpoint gives the same step-4 loss and adapter as
   the uninterrupted run.
 - Bad input: one line each, before the model loads.
 
-Tolerances: the two sides compute the same matmuls on the same values (the gathered experts are the
-unsharded ones bit for bit); only the order of the gradient sums differs (all-reduce over the EP group,
-then DeepSpeed's reduction, against DeepSpeed's reduction alone), so the float32 budget of
-test_zero_parity.py applies (loss rtol 1e-6, adapter rtol 2e-5 / atol 2e-6).
+Tolerances: the two sides compute the same products on the same values (the gathered experts are the
+unsharded ones bit for bit; dispatched rows are the same rows); only the order of sums differs (gather:
+all-reduce over the EP group, then DeepSpeed's reduction, against DeepSpeed's reduction alone; dispatch
+also sums a token's k expert outputs, and an expert's gradient over its pairs, in another order), so
+the float32 budget of test_zero_parity.py applies (loss rtol 1e-6, adapter rtol 2e-5 / atol 2e-6).
 """
 
 from __future__ import annotations
@@ -38,13 +41,15 @@ LAYER_WORKER = Path(__file__).with_name("ep_layer_worker.py")
 TINY = ROOT / "recipes" / "tiny.yaml"
 STEPS = 4
 LRS = {"rsgd": (1e-2, 1.0), "gradamw": (1e-3, 1e-2)}  # as test_zero_parity.py: the router moves
-RUNS = [(stage, method, ep) for stage in (1, 2) for method in LRS for ep in (1, 2)]
+STAGES = (0, 1, 2)
+WAYS = ("gather", "dispatch")  # expert_parallel_mode of the EP=2 runs
+RUNS = [(stage, method, way) for stage in STAGES for method in LRS for way in ("ep1", *WAYS)]
 LOSS_RTOL = 1e-6
 ADAPTER_TOL = {"rtol": 2e-5, "atol": 2e-6}
 
 
-def _name(stage: int, method: str, ep: int) -> str:
-    return f"zero{stage}-{method}-ep{ep}"
+def _name(stage: int, method: str, way: str) -> str:
+    return f"zero{stage}-{method}-{way}"
 
 
 def _torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -59,17 +64,19 @@ def _torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("expert_parallel")
     spec = []
-    for stage, method, ep in RUNS:
+    for stage, method, way in RUNS:
         lr, gate_lr = LRS[method]
+        ep = 1 if way == "ep1" else 2
         spec.append(
             {
-                "name": _name(stage, method, ep),
+                "name": _name(stage, method, way),
                 "ds_config": f"zero{stage}.json",
                 "recipe_overrides": [
                     f"optim.method={method}",
                     f"optim.lr={lr!r}",
                     f"optim.gate_lr={gate_lr!r}",
                     f"molora.expert_parallel_size={ep}",
+                    f"molora.expert_parallel_mode={'gather' if ep == 1 else way}",
                     f"train.max_steps={STEPS}",
                     "train.save_every=1000000",
                     "eval.before=false",
@@ -88,9 +95,9 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage,method", [(s, m) for s in (1, 2) for m in LRS])
-def test_ep2_equals_ep1(runs, stage, method):
-    one, two = runs / _name(stage, method, 1), runs / _name(stage, method, 2)
+@pytest.mark.parametrize("stage,method,way", [(s, m, w) for s in STAGES for m in LRS for w in WAYS])
+def test_ep2_equals_ep1(runs, stage, method, way):
+    one, two = runs / _name(stage, method, "ep1"), runs / _name(stage, method, way)
     losses = _losses(two)
     assert len(losses) == STEPS
     torch.testing.assert_close(losses, _losses(one), rtol=LOSS_RTOL, atol=0)
@@ -106,17 +113,28 @@ def test_ep2_equals_ep1(runs, stage, method):
     assert config["expert_parallel_size"] == 1  # the exported adapter loads without EP
 
 
-def test_rank_without_tokens(tmp_path):
-    """Rank 1's experts get no token; the layer neither hangs nor differs from the unsharded one. Both ranks
-    see the same tokens, so an expert's gradient (summed over the EP group) is twice one rank's."""
-    out = tmp_path / "layer.pt"
+@pytest.fixture(scope="module")
+def layer_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ep_layer") / "layer.pt"
     _torchrun([str(LAYER_WORKER), str(out)], timeout=300)
-    results = torch.load(out, weights_only=True)
-    for compute in ("dense", "sparse"):
-        assert results[compute + "_load"][2:].sum() == 0
-        got, want = results[compute], results[compute + "_reference"]
-        for what, g, w, factor in zip(("y", "dx", "dA", "dB", "d router"), got, want, (1, 1, 2, 2, 1)):
-            assert w.abs().max() > 0, what
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("way", ["dense", "sparse", "dispatch", "dispatch_bf16"])
+def test_rank_without_tokens(layer_results, way):
+    """Rank 1's experts get no token; the layer neither hangs nor differs from the unsharded one (weight
+    gather with either compute path, token dispatch). Both ranks see the same tokens, so an expert's
+    gradient (summed over the EP group) is twice one rank's. float64: gather computes the same sums as the
+    reference, dispatch sums each token's k pairs in another order (index_add after the all-to-all).
+    bf16 autocast: test_autocast.py's norm-wise bound (5 roundings of unit roundoff 2^-8)."""
+    assert layer_results[way + "_load"][2:].sum() == 0
+    got, want = layer_results[way], layer_results[way + "_reference"]
+    for what, g, w, factor in zip(("y", "dx", "dA", "dB", "d router"), got, want, (1, 1, 2, 2, 1)):
+        assert w.abs().max() > 0, what
+        if way.endswith("bf16"):
+            rel = ((g.double() - factor * w).norm() / (factor * w).norm()).item()
+            assert rel < 5 * 2.0**-8, f"{what}: {rel}"
+        else:
             torch.testing.assert_close(
                 g, factor * w, rtol=1e-12, atol=1e-12, msg=lambda m, w=what: f"{w}: {m}"
             )

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from molora_ds import MoLoRAConfig
+from molora_ds.distributed.expert_parallel import dispatch_wins
 
 
 def test_paper_defaults():
@@ -66,3 +67,16 @@ def test_from_dict_accepts_known_keys_only():
 def test_boundary_values_are_valid(kwargs):
     MoLoRAConfig(**kwargs)
     MoLoRAConfig(rank=1, dropout=0.0, target_modules=["q_proj"], **kwargs)
+
+
+def test_expert_parallel_mode_and_its_cost_rule():
+    with pytest.raises(
+        ValueError, match="expert_parallel_mode='tokens'; choose 'auto', 'gather' or 'dispatch'"
+    ):
+        MoLoRAConfig(expert_parallel_mode="tokens")
+    # dispatch below T* = E*r/k tokens per rank, 1.5*E*r/k where the gradient reduction is an all-reduce
+    # (bench/bench_ep_comm.py: 128 and 192 at E=256, r=4, top-8)
+    assert dispatch_wins(256, 4, 8, 127) and not dispatch_wins(256, 4, 8, 128)
+    assert dispatch_wins(256, 4, 8, 191, reduce_scatter=False) and not dispatch_wins(
+        256, 4, 8, 192, reduce_scatter=False
+    )

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 from molora_ds import MoLoRAConfig, apply_molora
+from molora_ds.inject import molora_layers
 from molora_ds.models.loading import tiny_llama
 from molora_ds.plan import (
     GIB,
@@ -20,6 +22,7 @@ from molora_ds.plan import (
     meta_model,
     model_config,
     parse_size,
+    vision_activation_bytes,
 )
 from molora_ds.recipe import load_recipe
 
@@ -92,6 +95,44 @@ def test_zero2_and_zero3_budgets_by_hand():
     assert z2.deepspeed_estimate_bytes > 1.9 * (parts["total"] - parts["activations"])
 
 
+def test_host_memory_per_node_by_hand():
+    """Host bytes per node: ZeRO-2 with offload_optimizer holds the offloaded state and DeepSpeed's
+    staging buffers per rank, or the whole base per rank while loading (float32, the recipe's
+    default load dtype), whichever is larger; ZeRO-3 loads on rank 0 only."""
+    recipe = load_recipe(GLM_RECIPE)
+    model = meta_model(model_config("glm-4-9b"))
+    apply_molora(model, recipe.molora)
+    p = count_params(model, persistence_threshold=0)
+    offload = {"offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    w, micro = 16, 5  # 80 / 16 = 5 per rank: no gradient accumulation
+    z2 = memory_plan(
+        recipe, {"zero_optimization": {"stage": 2} | offload}, w, micro, 256, True, 80 * GIB, model=model
+    )
+    largest = 20 * 4 * 4096  # lora_A [E, r, 4096] of q/k/v, as large as q's B
+    staging = int(2 * p.trainable / w + 2 * largest)  # bf16 parameter shard, one gradient buffer
+    assert z2.host_bytes_per_rank == {"offload": int(z2.cpu_offload_bytes + staging), "load": 4 * p.base}
+    assert z2.host_bytes_per_node == 8 * 4 * p.base  # loading is the larger: 35 GiB a rank
+    half = memory_plan(
+        recipe,
+        {"zero_optimization": {"stage": 2} | offload},
+        w,
+        1,
+        256,
+        True,
+        80 * GIB,
+        model=model,
+        gpus_per_node=4,
+    )
+    assert half.host_bytes_per_rank["offload"] == int(
+        half.cpu_offload_bytes + 2 * 2 * p.trainable / w + 2 * largest
+    )
+    assert half.host_bytes_per_node == 4 * 4 * p.base
+    z3 = memory_plan(
+        recipe, {"zero_optimization": {"stage": 3} | offload}, w, micro, 256, True, 80 * GIB, model=model
+    )
+    assert z3.host_bytes_per_node == 8 * z3.cpu_offload_bytes + 4 * p.base
+
+
 @pytest.mark.parametrize("hidden,intermediate", [(64, 128), (256, 768)])
 def test_activation_formula_bounds_what_autograd_saves(hidden, intermediate):
     """Every tensor autograd keeps for backward (parameters and the adapters' forward copies
@@ -123,11 +164,89 @@ def test_activation_formula_bounds_what_autograd_saves(hidden, intermediate):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.tensor([10, 50, 70, 90]))
     layers = model.config.num_hidden_layers
-    fixed = 4 * micro * seq * seq + 8 * seq * model.config.head_dim  # mask, RoPE cos/sin: once
+    fixed = 8 * seq * model.config.head_dim  # RoPE cos/sin: once
     planned = activation_bytes(model, model.config, micro, seq, 4, checkpointing=False)
     logits = micro * micro * model.config.vocab_size * (4 + 8)  # not saved here: no loss is taken
     per_layers = (planned - logits - fixed) * layers / (layers + 1) + fixed
     assert 1.0 <= per_layers / sum(saved.values()) <= 1.15
+
+
+class _Saved:
+    """What a saved_tensors_hooks pack returns: the graph holds it, so a weak reference says
+    whether a saved tensor is still alive."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def test_vision_activation_formula_bounds_what_autograd_keeps():
+    """LLaVA with MoLoRA in the CLIP tower too (``include_vision``): the bytes of every tensor autograd
+    still holds when the forward returns (the output held, parameters and forward copies excluded,
+    each storage once) against the formula without the backward's transient text layer and the
+    logits. The formula may only be above, by a little: it counts 8 bytes per RMSNorm and token where
+    fp32 runs save 4 (1/rms), and a LayerNorm input in the tower's first layer, which nothing
+    trainable precedes, so nothing saves it."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    # 64 patches + 1 per image: the tower holds about half of what is saved, so a formula that misses it fails.
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        image_size=64, patch_size=8,
+    )  # fmt: skip
+    model = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_index=999)
+    )
+    apply_molora(model, MoLoRAConfig(num_experts=4, rank=2, top_k=2, dropout=0.05, include_vision=True))
+    model.train()
+    assert any(".vision_tower." in name for name in molora_layers(model))
+    micro, patches = 3, (vision.image_size // vision.patch_size) ** 2
+    seq = patches + 24
+    ids = torch.randint(0, 900, (micro, seq))
+    ids[:, 2 : 2 + patches] = model.config.image_token_id  # one image per row, as in training
+    mask = torch.ones(micro, seq, dtype=torch.long)
+    mask[0, -10:] = 0
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    copies = {
+        tuple(m.lora_B.shape[1:2]) + (m.num_experts * m.rank,)
+        for m in model.modules()
+        if hasattr(m, "lora_B")
+    }
+    saved = []
+
+    def pack(t: torch.Tensor) -> _Saved:
+        box = _Saved(t)
+        saved.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+        out = model(  # noqa: F841 (held: it keeps the tower's output, as it does until the forward returns)
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=torch.randn(micro, 3, vision.image_size, vision.image_size),
+            logits_to_keep=torch.tensor([70, 72, 74]),
+        )
+    alive = {}
+    for ref in saved:
+        if (box := ref()) is not None:
+            storage = box.tensor.untyped_storage()
+            if storage.data_ptr() not in params and tuple(box.tensor.shape) not in copies:
+                alive[storage.data_ptr()] = storage.nbytes()
+    layers = text.num_hidden_layers
+    planned = activation_bytes(model, model.config, micro, seq, 4, checkpointing=False)
+    logits = micro * micro * text.vocab_size * (4 + 8)  # not saved here: no loss is taken
+    fixed = 8 * seq * (text.hidden_size // text.num_attention_heads)  # RoPE cos/sin: once
+    towers = {k: m for k, m in molora_layers(model).items() if ".vision_tower." in k}
+    tower = vision_activation_bytes(model.config, towers, micro, 4, checkpointing=False)
+    assert tower > 0.3 * sum(alive.values())  # the tower is a real share of it
+    per_layers = (planned - logits - fixed - tower) * layers / (layers + 1) + fixed + tower
+    assert 1.0 <= per_layers / sum(alive.values()) <= 1.15
 
 
 def test_checkpointing_keeps_one_hidden_state_per_layer():
@@ -135,7 +254,7 @@ def test_checkpointing_keeps_one_hidden_state_per_layer():
     apply_molora(model, load_recipe(GLM_RECIPE).molora)
     full = activation_bytes(model, model.config, 8, 256, 2, checkpointing=False)
     ckpt = activation_bytes(model, model.config, 8, 256, 2, checkpointing=True)
-    fixed = 4 * 8 * 256 * 256 + 8 * 256 * 128 + 8 * 8 * 151552 * (2 + 8)
+    fixed = 8 * 256 * 128 + 8 * 8 * 151552 * (2 + 8)
     layer = (full - fixed) / 41
     assert ckpt == pytest.approx(40 * 2 * 4096 * 8 * 256 + 2 * layer + fixed, rel=1e-6)
 
@@ -157,6 +276,14 @@ def test_dry_run_json_for_glm(capsys):
     assert plan["per_gpu_bytes"]["total"] < 80 * GIB
     assert launch_train.main([*argv, "--world-size", "8", "--json", "--gpu-memory", "16GB"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"] is False
+
+
+def test_dry_run_plans_the_recipes_gradient_checkpointing(capsys):
+    recipe = ROOT / "recipes" / "paper_visual7w.yaml"  # model.gradient_checkpointing: true
+    argv = ["--config", str(ROOT / "ds_configs/zero2.json"), "--recipe", str(recipe), "--dry-run", "--json"]
+    assert launch_train.main([*argv, "--world-size", "8", "--set", "model.name_or_path=llava-1.5-7b"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["per_gpu_bytes"]["activations"] == plan["activations_bytes"]["with_checkpointing"]
 
 
 def test_dry_run_bad_input_is_one_line(capsys):
