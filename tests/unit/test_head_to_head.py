@@ -1,8 +1,8 @@
 """bench/head_to_head.py: its per-expert-loop contender computes our layer's function, its LoRA rank matches our
 parameter count, and the comparison runs end to end (every contender's loss falls; table and plot written).
 
-The end-to-end run uses the built-in tiny Llama (random weights, SmolLM2's tokenizer) on Rotten Tomatoes, 12 steps:
-about 30 s on a quiet 2-core machine. ``slow``: the same with SmolLM2-135M (``--quick`` as documented).
+The end-to-end runs (``slow``: four training processes, twice) use the built-in tiny Llama (random weights,
+SmolLM2's tokenizer) on Rotten Tomatoes for 12 steps, and SmolLM2-135M (``--quick`` as documented).
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def _run(tmp_path: Path, *extra: str) -> None:
     assert [f.stat().st_mtime_ns for d in folders for f in d.iterdir()] == before
 
 
+@pytest.mark.slow  # ~35 s on a quiet 2-core machine, 55-125 s measured while other jobs ran
 def test_every_contender_trains_tiny(tmp_path):
     _run(tmp_path, "--model", "tiny-llama")
     _check_outputs(tmp_path / "out" / "quick", steps=12)
