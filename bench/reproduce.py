@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -134,35 +135,53 @@ def write_splits(scale: Scale, task: str, work: Path) -> dict[str, Path]:
     return paths
 
 
-def recipe(scale: Scale, run: Run, data: dict[str, Path]) -> dict:
+def recipe(scale: Scale, run: Run, data: dict[str, Path], sections: dict | None = None) -> dict:
+    """The run's recipe; ``sections`` add to or replace its keys, e.g. ``{"eval": {"before": False}}``."""
     e, k, r = run.experts
-    return {
+    base = {
         "model": scale.model,
         "data": {"format": "mc", "train": str(data["train"]), "eval": str(data[run.split]), "max_len": scale.max_len},
         "molora": {"num_experts": e, "top_k": k, "rank": r, "alpha": 4.0 * r, "dropout": 0.05,
                    "target_modules": list(scale.targets)},
-        "optim": METHODS[run.method] | {"lr": run.lr, "gate_lr": scale.gate_lr},
+        "optim": METHODS.get(run.method, {}) | {"lr": run.lr, "gate_lr": scale.gate_lr},
         "train": {"global_batch": scale.global_batch, "max_micro_batch": 8, "max_steps": scale.steps,
                   "seed": run.seed, "save_every": max(10, scale.steps // 4), "keep_last": 1,
                   "log_every": max(1, scale.steps // 10)},
         "eval": {"method": "loglik", "batch_size": 16},
     }  # fmt: skip
+    sections = sections or {}
+    return {key: value | sections[key] if key in sections else value for key, value in base.items()}
 
 
 def execute(
-    scale: Scale, run: Run, data: dict[str, Path], work: Path, out: Path, launcher: list[str]
+    scale: Scale,
+    run: Run,
+    data: dict[str, Path],
+    work: Path,
+    out: Path,
+    launcher: list[str],
+    sections: dict | None = None,
+    entry: list[str] | None = None,
 ) -> dict:
-    """Train (or resume, or read back) one run; returns its summary, also written to ``out/runs``."""
+    """Train (or resume, or read back) one run; returns its summary, also written to ``out/runs``.
+
+    ``entry``: the training script and its first arguments (default: ``launch/train.py --config``
+    the scale's DeepSpeed config); it gets ``--recipe --output-dir --resume auto`` and must write
+    ``results.json`` and ``metrics.jsonl`` as the trainer does.
+    """
     summary_path = out / "runs" / f"{run.name}.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
     folder = work / "runs" / run.name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "reproduce_recipe.yaml").write_text(yaml.safe_dump(recipe(scale, run, data), sort_keys=False))
+    (folder / "reproduce_recipe.yaml").write_text(
+        yaml.safe_dump(recipe(scale, run, data, sections), sort_keys=False)
+    )
     results = folder / "results.json"
     if not (results.is_file() and json.loads(results.read_text()).get("status") == "finished"):
-        cmd = [*launcher, "launch/train.py", "--config", scale.ds_config, "--recipe",
-               str(folder / "reproduce_recipe.yaml"), "--output-dir", str(folder), "--resume", "auto"]  # fmt: skip
+        entry = entry or ["launch/train.py", "--config", scale.ds_config]
+        cmd = [*launcher, *entry, "--recipe", str(folder / "reproduce_recipe.yaml"), "--output-dir", str(folder),
+               "--resume", "auto"]  # fmt: skip
         with (folder / "log.txt").open("a") as log:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
@@ -183,6 +202,10 @@ def execute(
         "skipped_steps": res["skipped_steps"],
         # the steps' own time: a run read back or resumed after an interruption reports the same
         "train_seconds": round(sum(r["seconds"] for r in rows), 1),
+        "step_seconds_median": round(statistics.median(r["seconds"] for r in rows), 3),
+        # CPU time of the training process (all threads): what a shared machine's other jobs barely change
+        "step_cpu_seconds_median": round(statistics.median(r.get("cpu_seconds", math.nan) for r in rows), 3),
+        "trainable_params": res.get("trainable_params"),
         "versions": versions(),
         "hardware": hardware(),
     }
@@ -240,9 +263,16 @@ def chosen_lrs(scale: Scale, results: list[dict]) -> dict[tuple[str, str], float
             if len(grid) == 1:
                 out[task, base] = grid[0]
                 continue
-            acc = {r["lr"]: r["accuracy_after"] for r in results if r["task"] == task and r["method"] == base}
-            out[task, base] = max(sorted(acc), key=lambda lr: acc[lr])
+            out[task, base] = best_lr(results, task, base)
     return out
+
+
+def best_lr(results: list[dict], task: str, method: str) -> float:
+    """The lr of ``method``'s best accuracy on ``task`` among ``results`` (ties: the smaller lr; runs without an
+    accuracy, e.g. diverged ones, do not count)."""
+    acc = {r["lr"]: r["accuracy_after"] for r in results
+           if r["task"] == task and r["method"] == method and r["accuracy_after"] is not None}  # fmt: skip
+    return max(sorted(acc), key=lambda lr: acc[lr])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +326,7 @@ def write_report(
     configs = sorted({tuple(r["experts"].values()) for r in results})
     lines = [f"Scale `{name}`: {scale.model}, {scale.steps} steps of {scale.global_batch}, "
              f"seeds {list(scale.seeds)}; test accuracy after training, mean ± sd over seeds "
-             f"(before training: {_before(results)}).", ""]  # fmt: skip
+             f"(before training: {before_training(results)}).", ""]  # fmt: skip
     head = "| method | " + " | ".join(f"{t} E{e}k{k}r{r}" for t in scale.tasks for e, k, r in configs) + " |"
     lines += [head, "|" + "---|" * (1 + len(scale.tasks) * len(configs))]
     for method in [m for pair in PAIRS for m in pair]:
@@ -319,7 +349,7 @@ def write_report(
     _plots(scale, results, out)
 
 
-def _before(results: list[dict]) -> str:
+def before_training(results: list[dict]) -> str:
     by_task = {}
     for r in results:
         if r["accuracy_before"] is not None:

@@ -188,7 +188,7 @@ class Trainer:
         the all-ranks non-finite flag before the update, the logged loss and grad norms), never per
         micro-batch.
         """
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         batches = self._micro_batches(self.step)
         # Counted and indexed on the CPU copies: nothing here waits for the device.
         counts = torch.tensor(
@@ -259,7 +259,14 @@ class Trainer:
         norms = {} if skipped else getattr(self.optimizer, "grad_norms", {})
         labels = [expert_parallel.group_label(g) for g in groups]
         row |= {f"grad_norm/{name}": norms.get(name, math.nan) for name in labels}
-        row |= {"tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": int(skipped)}
+        # cpu_seconds: this process's CPU time (all its threads); unlike wall time, other jobs on a shared
+        # machine barely change it
+        row |= {
+            "tokens_per_s": tokens / seconds,
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu0,
+        }
+        row["skipped"] = int(skipped)
         return row
 
     def fit(self) -> dict:
@@ -306,6 +313,7 @@ class Trainer:
                 results["accuracy_after"] = self.evaluate()
             self.export_adapter()
         results |= {"status": status, "step": self.step, "skipped_steps": self.bad_steps}
+        results["trainable_params"] = self.trainable
         if self.rank == 0:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         self.metrics.close()
