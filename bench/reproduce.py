@@ -2,6 +2,7 @@
 
     python bench/reproduce.py                 # small scale: SmolLM2-135M, 2 tasks, 2 (E, k, r), 3 seeds (hours)
     python bench/reproduce.py --quick         # 1 task, 1 seed, 12 steps, no lr grid (minutes; CI)
+    python bench/reproduce.py --jobs 2        # two runs at a time, the cores split between them
     python bench/reproduce.py --scale paper --launcher "torchrun --nproc_per_node 8"   # the paper's settings, GPUs
 
 Methods: sgd, adamw, their Riemannian versions rsgd, radamw, the gate-rescaled grsgd, gradamw, and the
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,7 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher", default=f"{sys.executable}", help='e.g. "torchrun --nproc_per_node 8"')
     p.add_argument("--work-dir", default="runs/reproduce", help="run folders (checkpoints; not committed)")
     p.add_argument("--out", default="docs/results", help="summaries, tables and plots")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time (each its own launch; split the cores)"
+    )
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1:  # split the cores between the runs (each launch reads it when torch starts)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     name = "quick" if args.quick else args.scale
     scale = SCALES[name]
     if args.model:
@@ -299,12 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     def run_all(runs: list[Run], first: int) -> list[dict]:
-        results = []
-        for i, run in enumerate(runs, first + 1):
-            results.append(execute(scale, run, data[run.task], work, out, launcher))
-            print(f"[{i}/{total}, {(time.perf_counter() - t0) / 60:.0f} min] {run.name}: "
-                  f"accuracy {results[-1]['accuracy_after']:.3f}", flush=True)  # fmt: skip
-        return results
+        def one(run: Run) -> dict:
+            result = execute(scale, run, data[run.task], work, out, launcher)
+            done.append(run)
+            print(f"[{first + len(done)}/{total}, {(time.perf_counter() - t0) / 60:.0f} min] {run.name}: "
+                  f"accuracy {result['accuracy_after']:.3f}", flush=True)  # fmt: skip
+            return result
+
+        done: list[Run] = []
+        with ThreadPoolExecutor(args.jobs) as pool:  # the runs are independent processes
+            return list(pool.map(one, runs))
 
     chosen = run_all(choice, 0)
     lrs = chosen_lrs(scale, chosen)
