@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--jobs", type=int, default=1, help="runs at a time (each its own launch; split the cores)"
     )
+    p.add_argument(
+        "--report", action="store_true", help="table and plots from the runs finished so far; runs nothing"
+    )
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -300,11 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work_dir) / name, Path(args.out) / name
     launcher = shlex.split(args.launcher)
 
+    if args.report:
+        return report_so_far(scale, name, out)
     data = {task: write_splits(scale, task, work) for task in scale.tasks}
     choice = choice_runs(scale)
-    total = len(choice) + len(
-        final_runs(scale, dict.fromkeys(((t, b) for t in scale.tasks for b, _ in PAIRS), 0.0))
-    )
+    total = len(choice) + len(final_runs(scale, _any_lr(scale)))
     t0 = time.perf_counter()
 
     def run_all(runs: list[Run], first: int) -> list[dict]:
@@ -328,18 +331,46 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------ report
+def report_so_far(scale: Scale, name: str, out: Path) -> int:
+    """``--report``: the report of the finished runs' summaries; a pair's lr only once its whole grid ran."""
+    summaries = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    chosen = [s for s in summaries if s["split"] == "val"]
+    results = [s for s in summaries if s["split"] == "test"]
+    if not results:
+        print(f"no test run has finished yet under {out / 'runs'} ({len(chosen)} validation runs)")
+        return 1
+    lrs = {(task, base): chosen_lrs(scale, chosen)[task, base]
+           for task in scale.tasks for base, _ in PAIRS
+           if {r["lr"] for r in chosen if (r["task"], r["method"]) == (task, base)} >= set(scale.grids[base])
+           or len(scale.grids[base]) == 1}  # fmt: skip
+    total = len(choice_runs(scale)) + len(final_runs(scale, _any_lr(scale)))
+    write_report(scale, name, results, chosen, lrs, out, partial=f"{len(summaries)} of {total}")
+    print(f"results so far ({len(summaries)} of {total} runs): {out}")
+    return 0
+
+
+def _any_lr(scale: Scale) -> dict[tuple[str, str], float]:
+    """A placeholder lr per (task, baseline), to count the final runs before any lr is chosen."""
+    return dict.fromkeys(((t, b) for t in scale.tasks for b, _ in PAIRS), 0.0)
+
+
 def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def write_report(
-    scale: Scale, name: str, results: list[dict], chosen: list[dict], lrs: dict, out: Path
+    scale: Scale, name: str, results: list[dict], chosen: list[dict], lrs: dict, out: Path, partial: str = ""
 ) -> None:
-    """table.md, lr_choice.md, loss_<task>.png and figure2.png from the runs' summaries."""
+    """table.md, lr_choice.md, loss_<task>.png and figure2.png from the runs' summaries.
+
+    ``partial``: e.g. "40 of 120" when not every run has finished (the cells give their seed count)."""
     configs = sorted({tuple(r["experts"].values()) for r in results})
     lines = [f"Scale `{name}`: {scale.model}, {scale.steps} steps of {scale.global_batch}, "
              f"seeds {list(scale.seeds)}; test accuracy after training, mean ± sd over seeds "
              f"(before training: {before_training(results)}).", ""]  # fmt: skip
+    if partial:
+        lines[:0] = [f"**Partial: {partial} runs finished.** A cell gives (n) when fewer seeds than "
+                     f"{len(scale.seeds)} have finished; an empty cell, none.", ""]  # fmt: skip
     head = "| method | " + " | ".join(f"{t} E{e}k{k}r{r}" for t in scale.tasks for e, k, r in configs) + " |"
     lines += [head, "|" + "---|" * (1 + len(scale.tasks) * len(configs))]
     for method in [m for pair in PAIRS for m in pair]:
@@ -348,7 +379,8 @@ def write_report(
             for cfg in configs:
                 accs = [r["accuracy_after"] for r in results
                         if (r["task"], r["method"], tuple(r["experts"].values())) == (task, method, cfg)]  # fmt: skip
-                cells.append(_mean_sd(accs) if accs else "")
+                short = f" (n={len(accs)})" if partial and 0 < len(accs) < len(scale.seeds) else ""
+                cells.append(_mean_sd(accs) + short if accs else "")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -383,14 +415,16 @@ def _plots(scale: Scale, results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     first = tuple(results[0]["experts"].values())
+    tasks = [t for t in scale.tasks if any(r["task"] == t for r in results)]  # a partial report may lack one
     pick = lambda task, method: [r for r in results  # noqa: E731
                                  if (r["task"], r["method"], tuple(r["experts"].values())) == (task, method, first)]  # fmt: skip
-    for task in scale.tasks:
+    for task in tasks:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         for ax, family in zip(axes, (PAIRS[:1] + PAIRS[2:3], PAIRS[1:2] + PAIRS[3:])):
             for base, treated in family:
                 for method, style in ((base, "--"), (treated, "-")):
-                    ax.plot(_mean_curve(pick(task, method)), style, label=method, lw=1)
+                    if runs := pick(task, method):
+                        ax.plot(_mean_curve(runs), style, label=method, lw=1)
             ax.set(
                 xlabel="optimizer step", title=f"{task}: {'SGD' if 'sgd' in family[0][0] else 'AdamW'} family"
             )
@@ -402,14 +436,15 @@ def _plots(scale: Scale, results: list[dict], out: Path) -> None:
         plt.close(fig)
 
     # The paper's Figure 2 view: each g-method against its baseline, loss curve and final accuracy.
-    fig, axes = plt.subplots(len(scale.tasks), 2, figsize=(11, 3.5 * len(scale.tasks)), squeeze=False)
-    for row, task in zip(axes, scale.tasks):
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.5 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
         for base, treated in PAIRS[:2]:
             for method, style in ((base, "--"), (treated, "-")):
-                row[0].plot(_mean_curve(pick(task, method)), style, label=method, lw=1)
+                if runs := pick(task, method):
+                    row[0].plot(_mean_curve(runs), style, label=method, lw=1)
         row[0].set(xlabel="optimizer step", ylabel="training loss", title=task)
         row[0].legend()
-        names = [m for pair in PAIRS for m in pair]
+        names = [m for pair in PAIRS for m in pair if pick(task, m)]
         accs = [[r["accuracy_after"] for r in pick(task, m)] for m in names]
         row[1].bar(names, [statistics.mean(a) for a in accs],
                    yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accs], capsize=3)  # fmt: skip

@@ -36,3 +36,31 @@ def test_quick_reproduction_trains_every_method(tmp_path):
     assert "(one value, no choice)" in (out / "quick" / "lr_choice.md").read_text()
     for png in ("figure2.png", "loss_rotten_tomatoes.png"):
         assert (out / "quick" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_of_a_partial_comparison(tmp_path):
+    """``--report`` on committed summaries (two validation runs, three test runs): the cells give how many seeds
+    finished, a pair whose lr grid has not finished gets no lr, and nothing is trained."""
+    runs = ROOT / "docs" / "results" / "small" / "runs"
+    names = ["rotten_tomatoes__E20k10r4__rsgd__seed0__lr0.001__val.json",
+             "rotten_tomatoes__E20k10r4__rsgd__seed0__lr0.003__val.json",
+             "rotten_tomatoes__E20k10r4__rsgd__seed0__lr0.001__test.json",
+             "rotten_tomatoes__E20k10r4__rsgd__seed1__lr0.001__test.json",
+             "rotten_tomatoes__E20k10r4__grsgd__seed0__lr0.001__test.json"]  # fmt: skip
+    (tmp_path / "small" / "runs").mkdir(parents=True)
+    for name in names:
+        (tmp_path / "small" / "runs" / name).write_text((runs / name).read_text())
+    cmd = [sys.executable, "bench/reproduce.py", "--report", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    table = (tmp_path / "small" / "table.md").read_text()
+    assert "Partial: 5 of 120 runs finished" in table
+    acc = [json.loads((runs / n).read_text())["accuracy_after"] for n in names[2:]]
+    mean, sd = (acc[0] + acc[1]) / 2, abs(acc[0] - acc[1]) / 2**0.5
+    assert f"| rsgd | {mean:.3f} ± {sd:.3f} (n=2) |" in table, table
+    assert f"| grsgd | {acc[2]:.3f} (n=1) |" in table, table
+    assert (
+        "| rotten_tomatoes | rsgd |" not in (tmp_path / "small" / "lr_choice.md").read_text()
+    )  # 2 of 3 lrs ran
+    assert (tmp_path / "small" / "figure2.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list((tmp_path / "small").glob("loss_bigbench*"))  # no run of that task yet: no empty plot
