@@ -1,9 +1,10 @@
-"""Expert parallelism on 2 gloo processes against the same runs without it.
+"""Expert parallelism on 2 (and 4) gloo processes against the same runs without it.
 
 - The real ``Trainer`` (tests/distributed/parity_worker.py, one torchrun launch): EP=2 against EP=1 on
   the same global batch, for both ways (``expert_parallel_mode`` gather and dispatch), rsgd and gradamw,
   ZeRO-0, 1 and 2, 4 steps: losses per step and every adapter tensor of the exported adapter (gathered by
-  the EP run into one file of the unsharded shapes).
+  the EP run into one file of the unsharded shapes). Also on 4 processes (ZeRO-1/2, gradamw), where each
+  expert shard has two data-parallel replicas whose gradients DeepSpeed averages over their group.
 - One layer (tests/distributed/ep_layer_worker.py) whose rank-1 experts receive no token: it finishes,
   and its output and gradients equal the unsharded layer's, for weight gather (dense and sparse compute)
   and token dispatch.
@@ -52,19 +53,17 @@ def _name(stage: int, method: str, way: str) -> str:
     return f"zero{stage}-{method}-{way}"
 
 
-def _torchrun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+def _torchrun(args: list[str], timeout: int, procs: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *args]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return proc
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("expert_parallel")
+def _spec(runs: list[tuple[int, str, str]]) -> list[dict]:
     spec = []
-    for stage, method, way in RUNS:
+    for stage, method, way in runs:
         lr, gate_lr = LRS[method]
         ep = 1 if way == "ep1" else 2
         spec.append(
@@ -84,8 +83,32 @@ def runs(tmp_path_factory) -> Path:
                 ],
             }
         )
-    (root / "spec.json").write_text(json.dumps(spec))
+    return spec
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("expert_parallel")
+    (root / "spec.json").write_text(json.dumps(_spec(RUNS)))
     _torchrun([str(WORKER), str(root / "spec.json"), str(root / "runs")], timeout=560)
+    return root / "runs"
+
+
+# 4 processes, EP=2: two expert-data-parallel groups of 2, so expert gradients are also averaged over a
+# group (on 2 processes that group has one rank and the reduction does nothing).
+# rsgd too: SGD's step is proportional to the gradient, so a wrong averaging factor shows (Adam would hide it).
+RUNS_4 = [
+    (stage, method, way)
+    for stage, method in ((1, "rsgd"), (2, "rsgd"), (2, "gradamw"))
+    for way in ("ep1", *WAYS)
+]
+
+
+@pytest.fixture(scope="module")
+def runs_4(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("expert_parallel_4")
+    (root / "spec.json").write_text(json.dumps(_spec(RUNS_4)))
+    _torchrun([str(WORKER), str(root / "spec.json"), str(root / "runs")], timeout=560, procs=4)
     return root / "runs"
 
 
@@ -97,7 +120,15 @@ def _losses(out: Path) -> list[float]:
 
 @pytest.mark.parametrize("stage,method,way", [(s, m, w) for s in STAGES for m in LRS for w in WAYS])
 def test_ep2_equals_ep1(runs, stage, method, way):
-    one, two = runs / _name(stage, method, "ep1"), runs / _name(stage, method, way)
+    _assert_same_training(runs / _name(stage, method, "ep1"), runs / _name(stage, method, way))
+
+
+@pytest.mark.parametrize("stage,method,way", [r for r in RUNS_4 if r[2] != "ep1"])
+def test_ep2_equals_ep1_on_4_processes(runs_4, stage, method, way):
+    _assert_same_training(runs_4 / _name(stage, method, "ep1"), runs_4 / _name(stage, method, way))
+
+
+def _assert_same_training(one: Path, two: Path) -> None:
     losses = _losses(two)
     assert len(losses) == STEPS
     torch.testing.assert_close(losses, _losses(one), rtol=LOSS_RTOL, atol=0)
