@@ -71,6 +71,73 @@ EXPECTED = {
         ("Sentence1: A dog runs.\nSentence2: A dog is running.\nWhich label fits (stsb)?", list("012345"), 5),
         ("Sentence1: A man cooks.\nSentence2: A plane lands.\nWhich label fits (stsb)?", list("012345"), 0),
     ],
+    # the other six GLUE tasks: their text columns and label names (nyu-mll/glue's ClassLabel names, "_" as " ")
+    ("glue/cola", "glue_cola.jsonl"): [
+        ("Sentence: The book was read by her.\nWhich label fits (cola)?", ["unacceptable", "acceptable"], 1),
+        ("Sentence: Book the her read was.\nWhich label fits (cola)?", ["unacceptable", "acceptable"], 0),
+    ],
+    ("glue/mrpc", "glue_mrpc.jsonl"): [
+        (
+            "Sentence1: He left at noon.\nSentence2: At noon he departed.\nWhich label fits (mrpc)?",
+            ["not equivalent", "equivalent"],
+            1,
+        ),
+        (
+            "Sentence1: Rain fell all day.\nSentence2: Prices rose sharply.\nWhich label fits (mrpc)?",
+            ["not equivalent", "equivalent"],
+            0,
+        ),
+    ],
+    ("glue/qqp", "glue_qqp.jsonl"): [
+        (
+            "Question1: How do I boil an egg?\nQuestion2: What is the way to boil an egg?\nWhich label fits (qqp)?",
+            ["not duplicate", "duplicate"],
+            1,
+        ),
+        (
+            "Question1: Why is the sky blue?\nQuestion2: Who wrote Hamlet?\nWhich label fits (qqp)?",
+            ["not duplicate", "duplicate"],
+            0,
+        ),
+    ],
+    ("glue/qnli", "glue_qnli.jsonl"): [
+        (
+            "Question: Where is the Eiffel Tower?\nSentence: The Eiffel Tower stands in Paris.\nWhich label fits (qnli)?",
+            ["entailment", "not entailment"],
+            0,
+        ),
+        (
+            "Question: When was the bridge built?\nSentence: The river is wide.\nWhich label fits (qnli)?",
+            ["entailment", "not entailment"],
+            1,
+        ),
+    ],
+    ("glue/rte", "glue_rte.jsonl"): [
+        (
+            "Sentence1: Anna bought a red car.\nSentence2: Anna owns a car.\nWhich label fits (rte)?",
+            ["entailment", "not entailment"],
+            0,
+        ),
+        (
+            "Sentence1: Tom sleeps.\nSentence2: Tom is running a race.\nWhich label fits (rte)?",
+            ["entailment", "not entailment"],
+            1,
+        ),
+    ],
+    ("glue/wnli", "glue_wnli.jsonl"): [
+        (
+            "Sentence1: The trophy did not fit in the case because it was too big.\nSentence2: The trophy was too big."
+            "\nWhich label fits (wnli)?",
+            ["not entailment", "entailment"],
+            1,
+        ),
+        (
+            "Sentence1: The trophy did not fit in the case because it was too big.\nSentence2: The case was too big."
+            "\nWhich label fits (wnli)?",
+            ["not entailment", "entailment"],
+            0,
+        ),
+    ],  # fmt: skip
     ("vmcbench", "vmcbench.jsonl"): [
         ("What is shown in the image?", ["a cat", "a car", "a tree", "a boat"], 2),
         ("How many people are there?", ["1", "2", "3", "4"], 1),

@@ -105,7 +105,7 @@ def _adapter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", ["glm-4-9b", "llava-1.5-7b"])
+@pytest.mark.parametrize("name", ["glm-4-9b", "llava-1.5-7b", "llama-3.2-1b", "llama-3.2-3b"])
 def test_real_configs_adapter_count_on_meta(name):
     config = AutoConfig.from_pretrained(CONFIGS / f"{name}.json")
     cls = LlavaForConditionalGeneration if name.startswith("llava") else AutoModelForCausalLM

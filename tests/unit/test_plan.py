@@ -320,3 +320,21 @@ def test_build_peak_of_a_config_built_model_is_measured():
     assert plan.per_gpu_bytes["total"] == pytest.approx(peak, rel=1e-3)
     glm = memory_plan(load_recipe(GLM_RECIPE), {"zero_optimization": {"stage": 2}}, 8, 1, 512, True, 80 * GIB)
     assert glm.per_gpu_bytes["build_peak_excess"] == 0
+
+
+# Each paper recipe with its model's shipped config in place of the placeholder /data path.
+PAPER_MODELS = {"Llama-3.2-3B": "llama-3.2-3b", "glm-4-9b-hf": "glm-4-9b", "llava-1.5-7b-hf": "llava-1.5-7b"}
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("paper_*.yaml")), ids=lambda p: p.stem)
+def test_every_paper_recipe_plans_on_8_gpus(recipe, capsys):
+    name = PAPER_MODELS[Path(load_recipe(recipe).model.name_or_path).name]
+    argv = ["--config", str(ROOT / "ds_configs/zero3.json"), "--recipe", str(recipe), "--dry-run", "--json"]
+    assert launch_train.main([*argv, "--world-size", "8", "--set", f"model.name_or_path={name}"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["fits"] is True and plan["world_size"] == 8
+    if name == "llama-3.2-3b":  # q_proj / v_proj by default; the published 3.21B parameters
+        h, kv, f, vocab, layers, e, r = 3072, 8 * 128, 8192, 128256, 28, 20, 4
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h  # q, k, v, o; gate, up, down; two RMSNorms
+        assert plan["params"]["base"] == vocab * h + layers * per_layer + h == 3_212_749_824  # tied head
+        assert plan["params"]["adapter"] == layers * e * r * ((h + h) + (h + kv))
