@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -93,3 +94,22 @@ def resumed_step(text: str) -> int:
     lines = [ln for ln in text.splitlines() if "resumed from" in ln]
     assert lines, "the run did not resume: no 'resumed from' line in its output"
     return int(lines[0].rsplit("at step", 1)[1])
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of the TensorBoard event files, read with tensorboardX's protobufs (TFRecord framing:
+    length u64, its crc u32, the Event, its crc u32)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

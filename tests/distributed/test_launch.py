@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -34,29 +33,11 @@ from tests.distributed.launching import (
     kill_tree,
     metrics,
     run,
+    tensorboard_scalars,
 )
 
 METRIC_KEYS = {"step", "loss", "lr/experts", "lr/router", "grad_norm/experts", "grad_norm/router", "tokens_per_s",
                "seconds", "skipped"}  # fmt: skip
-
-
-def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of the TensorBoard event files, read with tensorboardX's protobufs (TFRecord framing:
-    length u64, its crc u32, the Event, its crc u32)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos : pos + 8])
-            event = Event.FromString(data[pos + 12 : pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
 
 
 # ---------------------------------------------------------------------------- the product command

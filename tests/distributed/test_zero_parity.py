@@ -43,6 +43,7 @@ from molora_ds.inject import ADAPTER_WEIGHTS, adapter_state_dict
 from molora_ds.models.loading import load_model
 from molora_ds.optim import build_optimizer
 from molora_ds.recipe import load_recipe
+from tests.distributed.launching import tensorboard_scalars
 
 pytestmark = pytest.mark.distributed
 
@@ -396,6 +397,15 @@ def test_load_balance_loss_same_on_one_and_two_processes(
     assert got.losses == pytest.approx(ref.losses, rel=FP32_LOSS_RTOL)
     for k, v in ref.adapter.items():
         torch.testing.assert_close(got.adapter[k], v, **FP32_ADAPTER_TOL)
+    # The logged expert load is the whole step's, summed over ranks (rank 0's half of the batch alone
+    # would give other shares).
+    got_load, ref_load = (
+        {k: v for k, v in tensorboard_scalars(root / run.name).items() if k.startswith("expert_load_max/")}
+        for root, run in ((worker_out, BALANCED), (worker_out_one_process, BALANCED.on_one_process()))
+    )
+    # Equal, not close: shares are slot counts over ~160 slots, and both sides route the same tokens with
+    # routers equal to ~1e-7 (FP32_ADAPTER_TOL); only a top-k tie that close could move one slot.
+    assert got_load and got_load == ref_load
 
 
 def test_nan_on_one_rank_is_skipped_and_counted_by_all(worker_out: Path) -> None:
