@@ -1,6 +1,7 @@
 """The two expert-parallel ways, weight gather and token dispatch, measured beside their cost model, 2 processes.
 
     nice -n 10 python bench/bench_ep_comm.py        # E=256, r=4, top-8, in=out=2048, fp32, gloo, EP=2
+    python bench/bench_ep_comm.py --quick           # smoke run: E=32, in=out=256, 2 token counts
 
 Cost model (``molora_ds.distributed.expert_parallel.dispatch_wins``), per layer and rank, in elements moved
 (forward + backward), with ``ep`` ranks in the EP group:
@@ -35,6 +36,12 @@ from pathlib import Path
 E, R, K, FEATURES, EP = 256, 4, 8, 2048, 2
 TOKENS = [32, 64, 128, 192, 256, 512, 2048]
 REPEATS = 5
+
+
+def _quick() -> None:
+    """Smoke-run sizes (``--quick``, tests/unit/test_bench.py): the same check and table, in seconds."""
+    global E, FEATURES, TOKENS, REPEATS
+    E, FEATURES, TOKENS, REPEATS = 32, 256, [16, 64], 1
 
 
 def _gather_comm(a, b):
@@ -165,6 +172,9 @@ def _report(rows, dispatch_wins) -> None:
 
 
 def main() -> None:
+    quick = "--quick" in sys.argv
+    if quick:
+        _quick()
     if "--worker" in sys.argv:
         worker()
         return
@@ -176,6 +186,7 @@ def main() -> None:
         f"--nproc_per_node={EP}",
         __file__,
         "--worker",
+        *(["--quick"] if quick else []),
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """Per-rank expert memory with expert parallelism: EP=2 against EP=1 on 2 processes, ZeRO 0/1/2 (issue 12).
 
     nice -n 10 python bench/bench_ep_memory.py                 # tiny recipe, E=256 top-8, 2 gloo processes
-    python bench/bench_ep_memory.py --experts 8 --top-k 2      # faster
+    python bench/bench_ep_memory.py --quick                    # smoke run: E=16, top-2 (tests/unit/test_bench.py)
 
 One torchrun launch (2 processes, gloo); for each ZeRO stage and EP size a ``Trainer`` on recipes/tiny.yaml
 (``--experts``, ``--top-k``) takes one optimizer step, and each rank reports, in MB:
@@ -153,8 +153,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="smoke run: E=16, top-2")
     parser.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.experts, args.top_k = 16, 2
     if args.worker:
         worker(args.experts, args.top_k, Path(args.worker))
         return

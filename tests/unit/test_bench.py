@@ -1,7 +1,7 @@
 """The benchmarks still run: each checks, before timing anything, that its variants compute the same math
 (bench_layer: outputs and gradients against the per-expert loop; bench_train: Adam moments of our
 optimizer against the per-matrix loop; bench_optim: each path's preconditioned gradients against a
-per-expert float64 solve; bench_experts: sparse against dense), so a --quick run is also a test of those
+per-expert float64 solve; bench_experts: sparse against dense; bench_ep_comm: dispatch against gather), so a --quick run is also a test of those
 comparisons."""
 
 import subprocess
@@ -14,15 +14,17 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.mark.parametrize(
-    "script, plots",
+    "script, plots, printed",
     [
-        ("bench_layer.py", True),
-        ("bench_train.py", True),
-        ("bench_optim.py", False),
-        ("bench_experts.py", False),
+        ("bench_layer.py", True, "targets"),
+        ("bench_train.py", True, "targets"),
+        ("bench_optim.py", False, "targets"),
+        ("bench_experts.py", False, "targets"),
+        ("bench_ep_memory.py", False, "targets"),  # 2 gloo processes, ZeRO 0/1/2 x EP 1/2
+        ("bench_ep_comm.py", False, "measured crossover"),  # 2 gloo processes
     ],
 )
-def test_quick_run(script, plots, tmp_path):
+def test_quick_run(script, plots, printed, tmp_path):
     run = subprocess.run(
         [
             sys.executable,
@@ -35,4 +37,4 @@ def test_quick_run(script, plots, tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "targets" in run.stdout
+    assert printed in run.stdout
