@@ -1,8 +1,8 @@
 """The benchmarks still run: each checks, before timing anything, that its variants compute the same math
 (bench_layer: outputs and gradients against the per-expert loop; bench_train: Adam moments of our
 optimizer against the per-matrix loop; bench_optim: each path's preconditioned gradients against a
-per-expert float64 solve; bench_experts: sparse against dense; bench_ep_comm: dispatch against gather), so a --quick run is also a test of those
-comparisons."""
+per-expert float64 solve; bench_experts: sparse against dense; bench_ep_comm: dispatch against gather),
+so a --quick run is also a test of those comparisons."""
 
 import subprocess
 import sys
