@@ -8,14 +8,16 @@ Cost model (``molora_ds.distributed.expert_parallel.dispatch_wins``), per layer 
 - weight gather: all-gather the E/ep shards of A and B, then reduce their gradients:
   ``2 * (ep-1)/ep * E*r*(in+out)`` (on gloo the reduction is an all-reduce, which ExpertGroup uses:
   twice the reduce-scatter's volume, so ``3 * ...`` there);
-- token dispatch: all-to-all each (token, expert) pair's x row to the expert's rank and its y row back,
-  and dy, dx the same way in the backward: ``2 * (ep-1)/ep * T*k*(in+out)``.
-So dispatch moves less only when ``T*k < E*r`` (on gloo ``T*k < 1.5*E*r``): the crossover is at
-``T* = E*r/k`` tokens per rank (128 at E=256, r=4, k=8; 192 on gloo).
+- token dispatch: all-to-all a token's x row once to each rank that holds any of its experts (at most
+  ``min(k, ep)``) and the summed y row back, and dy, dx the same way in the backward:
+  ``2 * (ep-1)/ep * T*min(k, ep)*(in+out)``.
+So dispatch moves less only when ``T*min(k, ep) < E*r`` (on gloo ``1.5*E*r``): the crossover is at
+``T* = E*r/min(k, ep)`` tokens per rank (512 at E=256, r=4, k=8, ep=2; 768 on gloo). Until 2026-12-02 a
+row went once per (token, expert) pair, ``T*k`` rows: T* was 128 (192 on gloo), measured between 128 and 192.
 
 Measured, per T (tokens per rank, different on each rank): ``comm``, the collectives alone on the model's
 volumes (``all_gather`` + ``all_reduce`` exactly as ExpertGroup does them; ``all_to_all_single`` of
-``[T*k, in]`` and ``[T*k, out]`` rows, forward and backward); ``layer``, one sharded ``MoLoRALinear``'s
+``[T*min(k, ep), in]`` and ``[T*min(k, ep), out]`` rows, forward and backward); ``layer``, one sharded ``MoLoRALinear``'s
 forward + backward end to end (``expert_parallel_mode`` gather, with the sparse compute ``auto`` picks
 here, and dispatch), the frozen base layer included in both. Before timing, the two layers are checked to
 give the same output and gradients. Medians of alternating rounds; the measured crossover is where the
@@ -34,7 +36,7 @@ from functools import partial
 from pathlib import Path
 
 E, R, K, FEATURES, EP = 256, 4, 8, 2048, 2
-TOKENS = [32, 64, 128, 192, 256, 512, 2048]
+TOKENS = [32, 64, 128, 256, 512, 768, 1024, 2048]
 REPEATS = 5
 
 
@@ -117,7 +119,7 @@ def worker() -> None:
     a, b = torch.randn(E // EP, R, FEATURES), torch.randn(E // EP, FEATURES, R)
     rows = []
     for tokens in TOKENS:
-        pairs = tokens * K  # each rank sends all its pairs' rows, (ep-1)/ep of them to the other rank
+        sent = tokens * min(K, EP)  # a token's row once per rank holding its experts, (ep-1)/ep of them away
         x = torch.randn(tokens, FEATURES, requires_grad=True)
         dy = torch.randn(tokens, FEATURES)
         if tokens == TOKENS[0]:
@@ -125,7 +127,7 @@ def worker() -> None:
         steps = {
             "comm gather": partial(_gather_comm, a, b),
             "comm dispatch": partial(
-                _dispatch_comm, torch.randn(pairs, FEATURES), torch.randn(pairs, FEATURES)
+                _dispatch_comm, torch.randn(sent, FEATURES), torch.randn(sent, FEATURES)
             ),
             "layer gather": partial(_layer_step, layers["gather"], x, dy),
             "layer dispatch": partial(_layer_step, layers["dispatch"], x, dy),
@@ -141,7 +143,7 @@ def worker() -> None:
                     times[name].append((time.perf_counter() - t0) * 1e3)
         share = (EP - 1) / EP
         med = {name: statistics.median(t) for name, t in times.items()}
-        rows.append((tokens, 3 * share * E * R * 2 * FEATURES, 2 * share * pairs * 2 * FEATURES, med))
+        rows.append((tokens, 3 * share * E * R * 2 * FEATURES, 2 * share * sent * 2 * FEATURES, med))
     if dist.get_rank() == 0:
         _report(rows, dispatch_wins)
     dist.destroy_process_group()
@@ -150,8 +152,8 @@ def worker() -> None:
 def _report(rows, dispatch_wins) -> None:
     print(
         f"E={E}, r={R}, top-{K}, in=out={FEATURES}, EP={EP}, fp32, gloo, 1 thread per rank, {REPEATS} rounds; "
-        f"predicted crossover T* = 1.5*E*r/k = {3 * E * R // (2 * K)} (gloo's all-reduce; E*r/k = {E * R // K} "
-        "with a reduce-scatter)"
+        f"predicted crossover T* = 1.5*E*r/min(k, ep) = {3 * E * R // (2 * min(K, EP))} (gloo's all-reduce; "
+        f"E*r/min(k, ep) = {E * R // min(K, EP)} with a reduce-scatter)"
     )
     print(
         f"{'T/rank':>6} | {'gather M elem':>13} {'dispatch M elem':>15} {'pred':>8} | {'comm ms gather':>14} "
@@ -159,7 +161,7 @@ def _report(rows, dispatch_wins) -> None:
     )
     faster = []
     for tokens, g, d, med in rows:
-        pred = "dispatch" if dispatch_wins(E, R, K, tokens, reduce_scatter=False) else "gather"
+        pred = "dispatch" if dispatch_wins(E, R, K, tokens, EP, reduce_scatter=False) else "gather"
         lg, ld = med["layer gather"], med["layer dispatch"]
         faster.append("dispatch" if ld < lg else "gather")
         print(

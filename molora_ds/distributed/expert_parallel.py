@@ -38,17 +38,20 @@ STAGES = (0, 1, 2)  # ZeRO stages with expert parallelism (DeepSpeed refuses its
 MODES = ("auto", "gather", "dispatch")
 
 
-def dispatch_wins(num_experts: int, rank: int, top_k: int, tokens: int, reduce_scatter: bool = True) -> bool:
+def dispatch_wins(
+    num_experts: int, rank: int, top_k: int, tokens: int, ep: int, reduce_scatter: bool = True
+) -> bool:
     """The ``expert_parallel_mode="auto"`` rule: token dispatch iff it moves fewer elements than weight gather.
 
     Per layer and rank, forward + backward, each volume times ``(ep-1)/ep`` (the share bound for other
     ranks): weight gather all-gathers ``E*r*(in+out)`` weights and reduce-scatters as many gradients,
     ``2*E*r*(in+out)`` (``3*...`` where the reduction is an all-reduce, as on gloo); token dispatch sends
-    each of the ``T*k`` pairs' x row out and y row back, and dy, dx the same way, ``2*T*k*(in+out)``. So
-    dispatch wins below ``T* = E*r/k`` tokens per rank (``1.5*E*r/k`` on gloo): bench/bench_ep_comm.py
-    measures both ways beside this prediction.
+    a token's x row once to each of the at most ``min(k, ep)`` ranks that hold its experts and a summed y
+    row back, and dy, dx the same way, ``2*T*min(k, ep)*(in+out)``. So dispatch wins below
+    ``T* = E*r/min(k, ep)`` tokens per rank (``1.5*...`` on gloo): bench/bench_ep_comm.py measures both
+    ways beside this prediction.
     """
-    return 2 * tokens * top_k < (2 if reduce_scatter else 3) * num_experts * rank
+    return 2 * tokens * min(top_k, ep) < (2 if reduce_scatter else 3) * num_experts * rank
 
 
 def group_name(size: int) -> str:
@@ -166,7 +169,7 @@ def shard_experts(
     for layer in layers.values():
         dispatch = mode == "dispatch" or (
             mode == "auto"
-            and dispatch_wins(layer.num_experts, layer.rank, layer.top_k, tokens, ep.reduce_scatter)
+            and dispatch_wins(layer.num_experts, layer.rank, layer.top_k, tokens, ep.size, ep.reduce_scatter)
         )
         layer.shard_experts(ep, dispatch)
         for p in (layer.lora_A, layer.lora_B):

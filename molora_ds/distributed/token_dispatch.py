@@ -3,20 +3,21 @@
 The other way of expert parallelism (``expert_parallel.ExpertGroup.gather`` moves the weights). Per layer,
 on every rank of the EP group, with this rank's tokens and the replicated router's gates:
 
-1. the ``T*k`` pairs are sorted by the rank that owns their expert (expert ``e`` lives on rank
+1. the ``T*k`` pairs are grouped by the rank that owns their expert (expert ``e`` lives on rank
    ``e // (E/ep)``, as ``ExpertGroup.shard`` slices); the per-rank counts are exchanged (a rank may send
    or receive none: every rank still takes part in every collective, so nothing waits forever);
-2. each pair's row of x, its gate and its expert's local index go to that rank (all-to-all);
-3. there the pairs are computed with the local experts only (``sparse.selected_lora_experts``, one pair
-   per row), and the ``[pairs, out]`` results come back the same way (all-to-all);
-4. each token sums its k returned rows.
+2. a token's row of x goes once to each rank that holds any of its experts (at most ``min(k, ep)`` rows
+   per token, not ``k``), with each pair's gate, expert and row index (all-to-all);
+3. there each row is computed with its pairs' local experts only (``sparse.selected_lora_experts``, the
+   same kernels as one process's sparse path), and the ``[rows, out]`` results come back the same way;
+4. each token sums its returned rows.
 
 Steps 2 and 3 are differentiable: ``_AllToAll``'s backward is the reverse all-to-all, so dy's rows
 travel to the experts' ranks and dx's and the gates' gradients back, and the local A and B receive the
 gradient of every rank's pairs routed to them (the sum the weight gather's reduce-scatter forms). Gate
 rescale acts inside the pair computation, as on one process. Under autocast the rows travel in the
-autocast dtype, x's and the results' alike (half the bytes): each pair's result is rounded before a
-token's k are summed, where one process rounds the sum once, a difference within that dtype's precision.
+autocast dtype, x's and the results' alike (half the bytes): each rank's partial sum is rounded before a
+token's are added, where one process rounds the sum once, a difference within that dtype's precision.
 """
 
 from __future__ import annotations
@@ -61,20 +62,29 @@ def dispatch_mixture(
     device = x.device.type
     if torch.is_autocast_enabled(device):  # send the rows in the dtype they are computed in
         x = x.to(torch.get_autocast_dtype(device))
-    local, size = lora_a.shape[0], dist.get_world_size(group)
-    indices = gates.detach().topk(top_k, dim=-1).indices
+    tokens, local, size = x.shape[0], lora_a.shape[0], dist.get_world_size(group)
+    indices = gates.detach().topk(top_k, dim=-1).indices.sort(dim=-1).values  # a row's experts ascending
     selected = gates.gather(-1, indices).reshape(-1)  # differentiable: the router's gradient comes back here
     expert = indices.reshape(-1)  # pair t*k + j: token t's j-th expert
     owner = expert.div(local, rounding_mode="floor")
+    token = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
+    # One row of x per (rank, token) that has pairs there, in (rank, token) order; each pair names its row.
+    keys, row = torch.unique(owner * tokens + token, return_inverse=True)
+    row_token = keys % tokens
+    counts = torch.stack([torch.bincount(keys.div(tokens, rounding_mode="floor"), minlength=size),
+                          torch.bincount(owner, minlength=size)], dim=1)  # fmt: skip
+    recv_counts = torch.empty_like(counts)  # [rank, (rows, pairs)]
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    (send_rows, send_pairs), (recv_rows, recv_pairs) = counts.T.tolist(), recv_counts.T.tolist()
+    rows = _AllToAll.apply(x.index_select(0, row_token), send_rows, recv_rows, group)
     order = torch.argsort(owner, stable=True)
-    token = order.div(top_k, rounding_mode="floor")
-    send_counts = torch.bincount(owner, minlength=size)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    send, recv = send_counts.tolist(), recv_counts.tolist()
-    rows = _AllToAll.apply(x.index_select(0, token), send, recv, group)
-    gate = _AllToAll.apply(selected[order].unsqueeze(-1), send, recv, group)
-    local_expert = _all_to_all((expert[order] % local).unsqueeze(-1), send, recv, group)
-    y = selected_lora_experts(rows, lora_a, lora_b, gate, local_expert, scaling, rescale)
-    y = _AllToAll.apply(y, recv, send, group)
-    return y.new_zeros(x.shape[0], y.shape[-1]).index_add_(0, token, y)
+    gate = _AllToAll.apply(selected[order].unsqueeze(-1), send_pairs, recv_pairs, group)
+    first_row = counts[:, 0].cumsum(0) - counts[:, 0]  # where each rank's rows start, here and there
+    pair = torch.stack([expert % local, row - first_row[owner]], dim=1)[order]
+    pair = _all_to_all(pair, send_pairs, recv_pairs, group)  # (local expert, row within its sender's rows)
+    recv_first = recv_counts[:, 0].cumsum(0) - recv_counts[:, 0]
+    pair_row = pair[:, 1] + recv_first.repeat_interleave(recv_counts[:, 1])
+    # Pairs arrive by sender, each sender's by token, then expert: sorted by row, as the plan needs.
+    y = selected_lora_experts(rows, lora_a, lora_b, gate.reshape(-1), pair_row, pair[:, 0], scaling, rescale)
+    y = _AllToAll.apply(y, recv_rows, send_rows, group)  # each row: the sum of its pairs here
+    return y.new_zeros(tokens, y.shape[-1]).index_add_(0, row_token, y)

@@ -62,17 +62,20 @@ def _csr(crow, col, values, shape) -> torch.Tensor:
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def plan_pairs(indices: torch.Tensor, num_experts: int, rank: int) -> PairPlan:
-    """The pattern of the pairs ``indices [T, k]`` (each token's experts, ascending along k)."""
-    tokens, k = indices.shape
-    device = indices.device
-    col = (indices.unsqueeze(-1) * rank + torch.arange(rank, device=device)).reshape(-1)
-    crow = torch.arange(0, tokens * k * rank + 1, k * rank, device=device)
+def plan_pairs(
+    rows: torch.Tensor, experts: torch.Tensor, num_rows: int, num_experts: int, rank: int
+) -> PairPlan:
+    """The pattern of the pairs ``(rows[p], experts[p])``: sorted by row, experts ascending within a row,
+    any number per row (k per token on one process; a token's experts on this rank under token dispatch)."""
+    device = rows.device
+    col = (experts.unsqueeze(-1) * rank + torch.arange(rank, device=device)).reshape(-1)
+    crow = torch.zeros(num_rows + 1, dtype=torch.long, device=device)
+    crow[1:] = torch.bincount(rows, minlength=num_rows).cumsum(0) * rank
     perm = torch.argsort(col, stable=True)
     crow_t = torch.zeros(num_experts * rank + 1, dtype=torch.long, device=device)
     crow_t[1:] = torch.bincount(col, minlength=num_experts * rank).cumsum(0)
-    col_t = perm.div(k * rank, rounding_mode="floor")  # the token of each entry, in P^T's order
-    return PairPlan(crow, col, perm, crow_t, col_t, (tokens, num_experts * rank))
+    col_t = rows.repeat_interleave(rank).index_select(0, perm)  # the row of each entry, in P^T's order
+    return PairPlan(crow, col, perm, crow_t, col_t, (num_rows, num_experts * rank))
 
 
 def _sampled(plan: PairPlan, left: torch.Tensor, right_rows: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,7 @@ def _sampled(plan: PairPlan, left: torch.Tensor, right_rows: torch.Tensor) -> to
 
 
 class SparseMixtureOfLoRAExperts(torch.autograd.Function):
-    """``y_t = s * sum_j g_tj B_e A_e x_t`` over each token's k selected experts ``e = idx[t, j]``.
+    """``y_t = s * sum_p g_p B_e(p) A_e(p) x_t`` over the pairs p of row t (``plan``; ``gates`` one per pair).
 
     Autocast is off inside: the caller casts the inputs (``selected_lora_experts``), and an active autocast
     would recast the products to bf16, which the CPU CSR kernels do not implement.
@@ -95,7 +98,7 @@ class SparseMixtureOfLoRAExperts(torch.autograd.Function):
             a_cat = lora_a.reshape(num_experts * rank, in_features)
             b_cat = lora_b.transpose(1, 2).reshape(num_experts * rank, -1)
             h = _sampled(plan, x, a_cat)
-            g = gates.to(x.dtype).repeat_interleave(rank, dim=-1).reshape(-1)
+            g = gates.to(x.dtype).repeat_interleave(rank)
             y = (plan.matrix(h * g) @ b_cat).mul_(scaling)
             ctx.save_for_backward(x, lora_a, b_cat, gates, h)
             ctx.plan, ctx.scaling, ctx.rescale = plan, scaling, rescale
@@ -110,8 +113,8 @@ class SparseMixtureOfLoRAExperts(torch.autograd.Function):
             u = _sampled(plan, dy, b_cat).mul_(s)  # d loss / d (h * g)
             d_gates = None
             if ctx.needs_input_grad[3]:
-                d_gates = (u * h).view(*gates.shape, rank).sum(-1).to(gates.dtype)
-            g = gates.repeat_interleave(rank, dim=-1).reshape(-1)
+                d_gates = (u * h).view(-1, rank).sum(-1).to(gates.dtype)
+            g = gates.repeat_interleave(rank)
             w = (g.sqrt() if ctx.rescale else g).to(x.dtype)
             dh = u.mul_(w)
             dx = da = db = None
@@ -137,7 +140,10 @@ def sparse_mixture_of_lora_experts(
     top k), computing only the top_k selected experts per token."""
     indices = gates.detach().topk(top_k, dim=-1).indices.sort(dim=-1).values  # CSR: ascending columns
     selected = gates.gather(-1, indices)  # differentiable: the router's gradient flows back here
-    return selected_lora_experts(x, lora_a, lora_b, selected, indices, scaling, rescale)
+    rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
+    return selected_lora_experts(
+        x, lora_a, lora_b, selected.reshape(-1), rows, indices.reshape(-1), scaling, rescale
+    )
 
 
 def selected_lora_experts(
@@ -145,12 +151,13 @@ def selected_lora_experts(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     selected: torch.Tensor,
-    indices: torch.Tensor,
+    rows: torch.Tensor,
+    experts: torch.Tensor,
     scaling: float,
     rescale: bool,
 ) -> torch.Tensor:
-    """``y_t = s * sum_j selected[t, j] B_e A_e x_t`` with ``e = indices[t, j]`` (``[T, k]`` each, indices
-    ascending along k): the pairs given explicitly (token dispatch hands over one pair per row)."""
+    """``y_t = s * sum_p selected[p] B_e A_e x_t`` over the pairs p with ``rows[p] = t``, ``e = experts[p]``
+    (sorted by row, experts ascending within a row): the pairs given explicitly."""
     device = x.device.type
     if torch.is_autocast_enabled(device):  # as in the dense path: cast before the Function
         dtype = torch.get_autocast_dtype(device)
@@ -158,7 +165,7 @@ def selected_lora_experts(
     out_dtype = x.dtype
     if x.dtype not in KERNEL_DTYPES:
         x, lora_a, lora_b = x.float(), lora_a.float(), lora_b.float()
-    plan = plan_pairs(indices, lora_a.shape[0], lora_a.shape[1])
+    plan = plan_pairs(rows, experts, x.shape[0], lora_a.shape[0], lora_a.shape[1])
     y = SparseMixtureOfLoRAExperts.apply(x, lora_a, lora_b, selected, plan, scaling, rescale)
     return y.to(out_dtype)
 

@@ -85,8 +85,11 @@ def test_expert_without_tokens():
     for a, b in zip(g_s[1:3], g_d[1:3]):
         assert (a[0] == 0).all() and (b[0] == 0).all()
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
-    plan = plan_pairs(torch.tensor([[1, 2], [2, 3]]), 5, 1)
+    plan = plan_pairs(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 2, 2, 3]), 2, 5, 1)
     assert plan.crow_t.tolist() == [0, 0, 1, 3, 4, 4] and plan.col_t.tolist() == [0, 0, 1, 1]
+    plan = plan_pairs(torch.tensor([0, 2, 2]), torch.tensor([3, 0, 1]), 3, 4, 2)  # rows with 1, 0, 2 pairs
+    assert plan.crow.tolist() == [0, 2, 2, 6] and plan.col.tolist() == [6, 7, 0, 1, 2, 3]
+    assert plan.col_t.tolist() == [2, 2, 2, 2, 0, 0] and plan.crow_t.tolist() == [0, 1, 2, 3, 4, 4, 4, 5, 6]
 
 
 @pytest.mark.parametrize("compute", ["dense", "sparse"])
