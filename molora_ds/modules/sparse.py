@@ -20,7 +20,8 @@ expert i's gradients to x, A and B by ``w = sqrt(g_i)`` with ``rescale`` (else `
 gate gradient is ``s * <dy, B_i A_i x>`` in both modes. No atomics: each output row of a CSR SpMM
 is one sequential sum (run-to-run identical on CPU, tests/unit/test_sparse.py), so resume stays
 bit-exact. MKL's CPU kernels take fp32 and fp64 only: half-precision inputs are computed in fp32 and
-the results cast back (one rounding fewer than a bf16 kernel).
+the results cast back (one rounding fewer than a bf16 kernel). On CUDA, where ``grouped_fits``, the pairs
+go through ``torch.nn.functional.grouped_mm`` instead (``grouped_lora_experts``).
 """
 
 from __future__ import annotations
@@ -162,12 +163,56 @@ def selected_lora_experts(
     if torch.is_autocast_enabled(device):  # as in the dense path: cast before the Function
         dtype = torch.get_autocast_dtype(device)
         x, lora_a, lora_b = x.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+    if x.is_cuda and grouped_fits(x, lora_a, lora_b):
+        return grouped_lora_experts(x, lora_a, lora_b, selected, rows, experts, scaling, rescale)
     out_dtype = x.dtype
     if x.dtype not in KERNEL_DTYPES:
         x, lora_a, lora_b = x.float(), lora_a.float(), lora_b.float()
     plan = plan_pairs(rows, experts, x.shape[0], lora_a.shape[0], lora_a.shape[1])
     y = SparseMixtureOfLoRAExperts.apply(x, lora_a, lora_b, selected, plan, scaling, rescale)
     return y.to(out_dtype)
+
+
+GROUPED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # torch.nn.functional.grouped_mm's
+
+
+def grouped_fits(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether ``grouped_mm`` takes these operands: its dtypes, and every stride a multiple of 16 bytes
+    (r = 4 in bf16 is 8 bytes: those layers keep the CSR kernels)."""
+    size = x.element_size()
+    dims = (lora_a.shape[1], lora_a.shape[2], lora_b.shape[1])
+    return x.dtype in GROUPED_DTYPES and all(n * size % 16 == 0 for n in dims)
+
+
+def grouped_lora_experts(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    selected: torch.Tensor,
+    rows: torch.Tensor,
+    experts: torch.Tensor,
+    scaling: float,
+    rescale: bool,
+) -> torch.Tensor:
+    """``selected_lora_experts``' result with ``torch.nn.functional.grouped_mm`` over the pairs sorted by
+    expert (torchtitan's MoE layout): the path on CUDA where ``grouped_fits``. Each pair's row of x and
+    its ``[out]`` result are materialised (``T*k*(in+out)`` elements), which a GPU's bandwidth affords and a
+    CPU's does not (bench/README.md). Gate rescale as the dense path's contract (DESIGN.md section 1):
+    autograd of ``c o + (g - c) o.detach()``, ``c = sqrt(g).detach()``, per pair output ``o = B_e A_e x``."""
+    from torch.nn.functional import grouped_mm
+
+    order = torch.argsort(experts, stable=True)
+    offsets = torch.bincount(experts, minlength=lora_a.shape[0]).cumsum(0).to(torch.int32)
+    token = rows.index_select(0, order)
+    h = grouped_mm(x.index_select(0, token), lora_a.transpose(1, 2), offs=offsets)  # [pairs, r]
+    o = grouped_mm(h, lora_b.transpose(1, 2).contiguous(), offs=offsets)  # [pairs, out]
+    g = selected.index_select(0, order).to(o.dtype).unsqueeze(-1)
+    if rescale:
+        c = g.detach().sqrt()
+        o = c * o + (g - c) * o.detach()
+    else:
+        o = g * o
+    return o.new_zeros(x.shape[0], o.shape[-1]).index_add_(0, token, o).mul_(scaling)
 
 
 # Sparse wins when E > SPARSE_FACTOR * k: the dense path does E*r multiply-adds per token and

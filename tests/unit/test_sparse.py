@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from molora_ds import MoLoRAConfig, MoLoRALinear
-from molora_ds.modules.sparse import plan_pairs, use_sparse
+from molora_ds.modules.sparse import grouped_lora_experts, plan_pairs, selected_lora_experts, use_sparse
 from molora_ds.optim import GradientPreconditioner
 
 IN, OUT = 24, 20
@@ -172,3 +172,36 @@ def test_sparse_repeats_bit_exact():
     assert torch.equal(y1, y2)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_grouped_mm_path_within_the_fp32_bound(shape, rescale):
+    """The CUDA path (``grouped_lora_experts``; torch's grouped_mm also runs on CPU in fp32) against the
+    CSR path in fp64 on the same fp32 values. Every result is nested sums of products over at most
+    n = in + out + r + k terms in all, so in fp32 each element is off by at most n u (u = 2^-24), to first
+    order, times the same sums over absolute values (the CSR path on |x|, |A|, |B|, |g| and |dy|); 2x
+    for the few elementwise roundings (gate, rescale, scaling) and second-order terms."""
+    num_experts, rank, top_k, tokens = shape
+    torch.manual_seed(2)
+    x, dy = torch.randn(tokens, IN), torch.randn(tokens, OUT)
+    a, b = torch.randn(num_experts, rank, IN), torch.randn(num_experts, OUT, rank)
+    gates = torch.randn(tokens, num_experts).softmax(-1)
+    experts = gates.topk(top_k, dim=-1).indices.sort(dim=-1).values
+    selected = gates.gather(-1, experts).reshape(-1)
+    rows, experts = torch.arange(tokens).repeat_interleave(top_k), experts.reshape(-1)
+
+    def run(fn, dy, *inputs):
+        inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+        y = fn(*inputs, rows, experts, 2.0, rescale)
+        y.backward(dy.to(y.dtype))
+        return [y.detach(), *(t.grad for t in inputs)]
+
+    got = run(grouped_lora_experts, dy, x, a, b, selected)
+    want = run(selected_lora_experts, dy, *(t.double() for t in (x, a, b, selected)))
+    bound = run(selected_lora_experts, dy.abs(), *(t.double().abs() for t in (x, a, b, selected)))
+    n, u = IN + OUT + rank + top_k, 2.0**-24
+    for name, g, w, m in zip(("y", "x", "A", "B", "gates"), got, want, bound):
+        assert w.abs().max() > 0, f"{name}: zero reference, the test would not bite"
+        ratio = ((g.double() - w).abs() / (n * u * m).clamp_min(1e-300)).max()
+        assert ratio <= 2, f"{name}: off by {ratio:.2f} n u of the absolute sums"
