@@ -173,15 +173,12 @@ def selected_lora_experts(
     return y.to(out_dtype)
 
 
-GROUPED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # torch.nn.functional.grouped_mm's
-
-
 def grouped_fits(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
-    """Whether ``grouped_mm`` takes these operands: its dtypes, and every stride a multiple of 16 bytes
-    (r = 4 in bf16 is 8 bytes: those layers keep the CSR kernels)."""
-    size = x.element_size()
-    dims = (lora_a.shape[1], lora_a.shape[2], lora_b.shape[1])
-    return x.dtype in GROUPED_DTYPES and all(n * size % 16 == 0 for n in dims)
+    """Whether CUDA's ``grouped_mm`` takes these operands: bf16 on compute capability 8.0 or newer (what torch
+    documents) and every stride a multiple of 16 bytes (r >= 8; r = 4 layers keep the CSR kernels)."""
+    if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    return all(n * x.element_size() % 16 == 0 for n in (lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]))
 
 
 def grouped_lora_experts(
