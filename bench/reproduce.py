@@ -3,7 +3,8 @@
     python bench/reproduce.py                 # small scale: SmolLM2-135M, 2 tasks, 2 (E, k, r), 3 seeds (hours)
     python bench/reproduce.py --quick         # 1 task, 1 seed, 12 steps, no lr grid (minutes; CI)
     python bench/reproduce.py --jobs 2        # two runs at a time, the cores split between them
-    python bench/reproduce.py --scale paper --launcher "torchrun --nproc_per_node 8"   # the paper's settings, GPUs
+    python bench/reproduce.py --scale paper --model DIR --launcher "torchrun --nproc_per_node 8"   # the paper's
+                                              # settings and QA tasks on GPUs; data files from recipes/paper_*.yaml
 
 Methods: sgd, adamw, their Riemannian versions rsgd, radamw, the gate-rescaled grsgd, gradamw, and the
 ablation "sqrt trick without the preconditioner" (sgd+sqrt, adamw+sqrt). Pairs are compared at one lr,
@@ -68,6 +69,9 @@ class Scale:
     gate_lr: float = 1e-4
     ds_config: str = "ds_configs/zero0.json"
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # task -> recipe whose data section names the user's files (published schema); else a built-in task
+    data_recipes: dict[str, str] = field(default_factory=dict)
+    prompt: str = "lettered"  # data.prompt: lettered (scored by log-likelihood) or paper (by generation)
 
 
 # lrs for 100-step runs of batch 8 on SmolLM2: around the embedded default's 2e-3 for AdamW (the paper's 1e-5
@@ -80,6 +84,7 @@ SMALL_GRIDS = {
     "sgd": (0.03, 0.1, 0.3),
     "rsgd": (1e-3, 3e-3, 1e-2),
 }
+PAPER_TASKS = ("science_qa", "commonsense_qa", "openbookqa", "social_iqa")
 SCALES = {
     "quick": Scale(
         "smollm2-135m", ("rotten_tomatoes",), ((20, 10, 4),), (0,), 12, 8, 64, 40, 40,
@@ -89,11 +94,15 @@ SCALES = {
         "smollm2-135m", ("rotten_tomatoes", "bigbench/social_iqa"), ((20, 10, 4), (8, 2, 8)), (0, 1, 2), 100, 8,
         96, 200, 300, grids=SMALL_GRIDS,
     ),
-    # DESIGN.md section 5: Llama-3.2-3B (give its folder with --model), batch 80, 2000 steps, paper lrs.
+    # DESIGN.md section 5: Llama-3.2-3B (give its folder with --model), the paper's four QA tasks from the
+    # user's files (recipes/paper_<task>.yaml name them: edit data.train / data.eval there, or --data-recipes
+    # DIR for copies), batch 80, 2000 steps, the paper's lrs and prompt; the test split is the task's eval
+    # file, train holds out no validation rows (one lr per method: nothing to choose).
     "paper": Scale(
-        "llama-3.2-3b", ("rotten_tomatoes", "bigbench/social_iqa"), ((20, 10, 4), (8, 2, 8)), (0, 1, 2), 2000, 80,
-        256, 500, 1000, grids={"adamw": (1e-5,), "radamw": (1e-5,), "sgd": (3e-5,), "rsgd": (3e-5,)},
+        "llama-3.2-3b", PAPER_TASKS, ((20, 10, 4), (8, 2, 8)), (0, 1, 2), 2000, 80, 256, 0, 1000,
+        grids={"adamw": (1e-5,), "radamw": (1e-5,), "sgd": (3e-5,), "rsgd": (3e-5,)},
         gate_lr=3e-8, ds_config="ds_configs/zero2.json", targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        data_recipes={t: str(ROOT / "recipes" / f"paper_{t}.yaml") for t in PAPER_TASKS}, prompt="paper",
     ),
 }  # fmt: skip
 
@@ -122,7 +131,10 @@ def write_splits(scale: Scale, task: str, work: Path) -> dict[str, Path]:
     paths = {s: folder / f"{s}.jsonl" for s in ("train", "val", "test")}
     if all(p.is_file() for p in paths.values()):
         return paths
-    train, held = load_mc_splits(task, scale.val_size + scale.test_size, seed=0)
+    if task in scale.data_recipes:  # the user's train file, their eval file as the test split
+        train, held = _user_splits(scale, task)
+    else:
+        train, held = load_mc_splits(task, scale.val_size + scale.test_size, seed=0)
     parts = {
         "train": train,
         "val": held.select(range(scale.val_size)),
@@ -137,19 +149,42 @@ def write_splits(scale: Scale, task: str, work: Path) -> dict[str, Path]:
     return paths
 
 
+def _user_splits(scale: Scale, task: str):
+    """(train, val + test rows) from the files a paper recipe names: val held out of train (seed 0), test
+    from its eval file (at most ``test_size``, shuffled with seed 0); one line if a file is missing."""
+    import datasets
+    from datasets import concatenate_datasets
+
+    from molora_ds.data.formats import for_model, read_mc
+    from molora_ds.recipe import load_recipe
+
+    datasets.disable_progress_bars()  # a bad file's error is then the only line
+    data = load_recipe(scale.data_recipes[task]).data
+    train = for_model(read_mc(data.format, data.train, "train", data.columns), False, data.train)
+    test = for_model(read_mc(data.format, data.eval, "eval", data.columns), False, data.eval)
+    test = test.shuffle(seed=0).select(range(min(scale.test_size, len(test))))
+    train, test = (ds.remove_columns([c for c in ds.column_names if c == "image"]) for ds in (train, test))
+    if scale.val_size:
+        held = train.train_test_split(test_size=scale.val_size, seed=0)
+        train, val = held["train"], held["test"]
+        return train, concatenate_datasets([val, test])
+    return train, test
+
+
 def recipe(scale: Scale, run: Run, data: dict[str, Path], sections: dict | None = None) -> dict:
     """The run's recipe; ``sections`` add to or replace its keys, e.g. ``{"eval": {"before": False}}``."""
     e, k, r = run.experts
     base = {
         "model": scale.model,
-        "data": {"format": "mc", "train": str(data["train"]), "eval": str(data[run.split]), "max_len": scale.max_len},
+        "data": {"format": "mc", "train": str(data["train"]), "eval": str(data[run.split]), "max_len": scale.max_len,
+                 "prompt": scale.prompt},
         "molora": {"num_experts": e, "top_k": k, "rank": r, "alpha": 4.0 * r, "dropout": 0.05,
                    "target_modules": list(scale.targets)},
         "optim": METHODS.get(run.method, {}) | {"lr": run.lr, "gate_lr": scale.gate_lr},
         "train": {"global_batch": scale.global_batch, "max_micro_batch": 8, "max_steps": scale.steps,
                   "seed": run.seed, "save_every": max(10, scale.steps // 4), "keep_last": 1,
                   "log_every": max(1, scale.steps // 10)},
-        "eval": {"method": "loglik", "batch_size": 16},
+        "eval": {"method": "generate" if scale.prompt == "paper" else "loglik", "batch_size": 16},
     }  # fmt: skip
     sections = sections or {}
     return {key: value | sections[key] if key in sections else value for key, value in base.items()}
@@ -282,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="shorthand for --scale quick")
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
     p.add_argument("--model", help="the model (a folder for --scale paper)")
+    p.add_argument(
+        "--data-recipes",
+        type=Path,
+        help="--scale paper: a folder of paper_<task>.yaml naming your data files",
+    )
     p.add_argument("--launcher", default=f"{sys.executable}", help='e.g. "torchrun --nproc_per_node 8"')
     p.add_argument("--work-dir", default="runs/reproduce", help="run folders (checkpoints; not committed)")
     p.add_argument("--out", default="docs/results", help="summaries, tables and plots")
@@ -300,12 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[name]
     if args.model:
         scale = Scale(**{**scale.__dict__, "model": args.model})
+    if args.data_recipes:
+        recipes = {t: str(args.data_recipes / f"paper_{t}.yaml") for t in scale.data_recipes}
+        scale = Scale(**{**scale.__dict__, "data_recipes": recipes})
     work, out = Path(args.work_dir) / name, Path(args.out) / name
     launcher = shlex.split(args.launcher)
 
     if args.report:
         return report_so_far(scale, name, out)
-    data = {task: write_splits(scale, task, work) for task in scale.tasks}
+    try:
+        data = {task: write_splits(scale, task, work) for task in scale.tasks}
+    except (ValueError, OSError) as e:  # a data file missing or not in its format: one line, nothing trained
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     choice = choice_runs(scale)
     total = len(choice) + len(final_runs(scale, _any_lr(scale)))
     t0 = time.perf_counter()

@@ -64,3 +64,44 @@ def test_report_of_a_partial_comparison(tmp_path):
     )  # 2 of 3 lrs ran
     assert (tmp_path / "small" / "figure2.png").read_bytes()[:4] == b"\x89PNG"
     assert not list((tmp_path / "small").glob("loss_bigbench*"))  # no run of that task yet: no empty plot
+
+
+def test_paper_scale_trains_on_the_users_files_in_their_schemas(tmp_path):
+    """``--scale paper`` reads the four QA tasks from the files paper_<task>.yaml names (here the published-schema
+    fixtures of test_formats.py): train from data.train, the test split from data.eval; each run's recipe has
+    the paper's prompt (scored by generation), batch, steps and lr. A missing file: one line, exit 2."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import reproduce
+    import yaml
+
+    fixtures = ROOT / "tests" / "fixtures" / "formats"
+    for task in reproduce.PAPER_TASKS:
+        spec = yaml.safe_load((ROOT / "recipes" / f"paper_{task}.yaml").read_text())
+        spec["data"] |= {"train": str(fixtures / f"{task}.jsonl"), "eval": str(fixtures / f"{task}.jsonl")}
+        (tmp_path / f"paper_{task}.yaml").write_text(yaml.safe_dump(spec))
+    scale = reproduce.SCALES["paper"]
+    scale = reproduce.Scale(**{**scale.__dict__, "data_recipes": {
+        t: str(tmp_path / f"paper_{t}.yaml") for t in reproduce.PAPER_TASKS}})  # fmt: skip
+    splits = reproduce.write_splits(scale, "commonsense_qa", tmp_path / "work")
+    rows = [json.loads(line) for line in splits["train"].read_text().splitlines()]
+    assert [(r["question"], r["answer"]) for r in rows] == [
+        ("Where would you put a cup after washing it?", 0), ("What do people use to cut paper?", 1)]  # fmt: skip
+    assert len(splits["test"].read_text().splitlines()) == 2 and splits["val"].read_text() == ""
+    science = reproduce.write_splits(scale, "science_qa", tmp_path / "work")
+    assert len(science["train"].read_text().splitlines()) == 2  # the image question is not for a text model
+    run = reproduce.Run("commonsense_qa", (20, 10, 4), "gradamw", 0, 1e-5, "test")
+    spec = reproduce.recipe(scale, run, splits)
+    assert spec["data"]["prompt"] == "paper" and spec["eval"]["method"] == "generate"
+    assert (spec["train"]["global_batch"], spec["train"]["max_steps"], spec["optim"]["lr"]) == (
+        80,
+        2000,
+        1e-5,
+    )
+
+    (tmp_path / "paper_openbookqa.yaml").write_text(
+        (tmp_path / "paper_openbookqa.yaml").read_text().replace(str(fixtures), "/no/such/dir"))  # fmt: skip
+    cmd = [sys.executable, "bench/reproduce.py", "--scale", "paper", "--data-recipes", str(tmp_path),
+           "--work-dir", str(tmp_path / "w2"), "--out", str(tmp_path / "out")]  # fmt: skip
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "/no/such/dir" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
