@@ -105,3 +105,25 @@ def test_paper_scale_trains_on_the_users_files_in_their_schemas(tmp_path):
     bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "/no/such/dir" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_each_pair_takes_the_lr_its_baseline_chose():
+    """Only the baseline runs the grid, so its validation accuracy alone sets the pair's lr (ties: the smaller
+    lr; a diverged run, accuracy None, never wins); a grid of one value is taken as it is."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import reproduce
+
+    scale = reproduce.SCALES["small"]
+    assert {r.method for r in reproduce.choice_runs(scale)} == {base for base, _ in reproduce.PAIRS}
+    accuracy = {"rsgd": {1e-3: 0.40, 3e-3: 0.45, 1e-2: None}, "radamw": {5e-4: 0.7, 2e-3: 0.7, 5e-3: 0.6},
+                "sgd": {0.03: 0.5, 0.1: 0.55, 0.3: 0.52}, "adamw": {5e-4: 0.3, 2e-3: 0.8, 5e-3: 0.79}}  # fmt: skip
+    results = [{"task": t, "method": m, "lr": lr, "accuracy_after": a}
+               for t in scale.tasks for m, grid in accuracy.items() for lr, a in grid.items()]  # fmt: skip
+    lrs = reproduce.chosen_lrs(scale, results)
+    assert {base: lrs[scale.tasks[0], base] for base in accuracy} == {
+        "rsgd": 3e-3, "radamw": 5e-4, "sgd": 0.1, "adamw": 2e-3}  # fmt: skip
+    runs = reproduce.final_runs(scale, lrs)
+    for base, treated in reproduce.PAIRS:
+        assert {r.lr for r in runs if r.method in (base, treated)} == {lrs[scale.tasks[0], base]}
+    quick = reproduce.SCALES["quick"]
+    assert reproduce.chosen_lrs(quick, [])[quick.tasks[0], "adamw"] == quick.grids["adamw"][0]
