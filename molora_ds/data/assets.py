@@ -17,7 +17,7 @@ from pathlib import Path
 
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 # The tasks our recipes and tests use; `python -m molora_ds.data.assets` extracts them up front.
-DEFAULT_BIGBENCH_TASKS = ("social_iqa", "goal_step_wikihow/goal_inference", "strategyqa")
+DEFAULT_BIGBENCH_TASKS = ("social_iqa", "goal_step_wikihow/goal_inference", "strategyqa", "hyperbaton")
 
 
 def cache_root() -> Path:
