@@ -391,7 +391,8 @@ def report_so_far(scale: Scale, name: str, out: Path) -> int:
            if {r["lr"] for r in chosen if (r["task"], r["method"]) == (task, base)} >= set(scale.grids[base])
            or len(scale.grids[base]) == 1}  # fmt: skip
     total = len(choice_runs(scale)) + len(final_runs(scale, _any_lr(scale)))
-    write_report(scale, name, results, chosen, lrs, out, partial=f"{len(summaries)} of {total}")
+    partial = f"{len(summaries)} of {total}" if len(summaries) < total else ""
+    write_report(scale, name, results, chosen, lrs, out, partial=partial)
     print(f"results so far ({len(summaries)} of {total} runs): {out}")
     return 0
 
