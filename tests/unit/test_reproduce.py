@@ -7,6 +7,7 @@ assertion is deliberately loose (the quick scale says nothing about which method
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,8 @@ def test_paper_scale_trains_on_the_users_files_in_their_schemas(tmp_path):
     import reproduce
     import yaml
 
-    fixtures = ROOT / "tests" / "fixtures" / "formats"
+    # a copy: reading caches beside the data, which must not land in the repo
+    fixtures = Path(shutil.copytree(ROOT / "tests" / "fixtures" / "formats", tmp_path / "formats"))
     for task in reproduce.PAPER_TASKS:
         spec = yaml.safe_load((ROOT / "recipes" / f"paper_{task}.yaml").read_text())
         spec["data"] |= {"train": str(fixtures / f"{task}.jsonl"), "eval": str(fixtures / f"{task}.jsonl")}
