@@ -21,6 +21,7 @@ run, ``table.md`` (mean and spread per method and task), ``lr_choice.md``, loss 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -339,10 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     name = "quick" if args.quick else args.scale
     scale = SCALES[name]
     if args.model:
-        scale = Scale(**{**scale.__dict__, "model": args.model})
+        scale = dataclasses.replace(scale, model=args.model)
     if args.data_recipes:
         recipes = {t: str(args.data_recipes / f"paper_{t}.yaml") for t in scale.data_recipes}
-        scale = Scale(**{**scale.__dict__, "data_recipes": recipes})
+        scale = dataclasses.replace(scale, data_recipes=recipes)
     work, out = Path(args.work_dir) / name, Path(args.out) / name
     launcher = shlex.split(args.launcher)
 

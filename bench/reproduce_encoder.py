@@ -206,11 +206,12 @@ def train_run(
             for g, lr in zip(opt.param_groups, lrs):
                 g["lr"] = lr * schedule.lr_factor(step)
             opt.zero_grad(set_to_none=True)
-        if math.isfinite(loss.item()):  # as the trainer: a non-finite loss skips the step
+        value = loss.item()
+        if math.isfinite(value):  # as the trainer: a non-finite loss skips the step
             loss.backward()
             for opt in optimizers:
                 opt.step()
-            losses.append(loss.item())
+            losses.append(value)
         else:
             skipped += 1
             losses.append(None)

@@ -6,6 +6,7 @@ assertion is deliberately loose (the quick scale says nothing about which method
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -81,9 +82,8 @@ def test_paper_scale_trains_on_the_users_files_in_their_schemas(tmp_path):
         spec = yaml.safe_load((ROOT / "recipes" / f"paper_{task}.yaml").read_text())
         spec["data"] |= {"train": str(fixtures / f"{task}.jsonl"), "eval": str(fixtures / f"{task}.jsonl")}
         (tmp_path / f"paper_{task}.yaml").write_text(yaml.safe_dump(spec))
-    scale = reproduce.SCALES["paper"]
-    scale = reproduce.Scale(**{**scale.__dict__, "data_recipes": {
-        t: str(tmp_path / f"paper_{t}.yaml") for t in reproduce.PAPER_TASKS}})  # fmt: skip
+    recipes = {t: str(tmp_path / f"paper_{t}.yaml") for t in reproduce.PAPER_TASKS}
+    scale = dataclasses.replace(reproduce.SCALES["paper"], data_recipes=recipes)
     splits = reproduce.write_splits(scale, "commonsense_qa", tmp_path / "work")
     rows = [json.loads(line) for line in splits["train"].read_text().splitlines()]
     assert [(r["question"], r["answer"]) for r in rows] == [
