@@ -25,12 +25,17 @@ INSTALL_KEY="$(hash_of "$ROOT/setup.py" "$ROOT/scripts/setup.sh")"
 ASSETS_PY="$ROOT/molora_ds/data/assets.py"
 ASSETS_KEY="$INSTALL_KEY-$( [ -f "$ASSETS_PY" ] && hash_of "$ASSETS_PY" || echo absent)"
 
+KERNELS_SRC="$ROOT/molora_ds/optim/precondition_cpu.cpp"
+KERNELS_KEY="$INSTALL_KEY-$(hash_of "$KERNELS_SRC" "$ROOT/molora_ds/optim/cpu_kernels.py")"
+
 BIGBENCH_SDIST="$MOLORA_CACHE/assets/bigbench-1.0.0.tar.gz"
 
 done_already() { [ "$(cat "$STAMPS/$1" 2>/dev/null)" = "$2" ]; }
 # The stamps outlive a deleted venv or sdist, so check those are still there too.
 installed() { done_already install "$INSTALL_KEY" && [ -x "$VENV/bin/python" ] && [ -f "$BIGBENCH_SDIST" ]; }
-all_done() { installed && done_already assets "$ASSETS_KEY" && done_already shm_op "$INSTALL_KEY"; }
+all_done() {
+  installed && done_already assets "$ASSETS_KEY" && done_already shm_op "$INSTALL_KEY" && done_already kernels "$KERNELS_KEY"
+}
 # Fast path before taking the lock: the common case is a machine that is already set up.
 if all_done; then exit 0; fi
 
@@ -57,7 +62,7 @@ step_system_packages() {
   # mpi4py's wheel loads libmpi at import time; Debian's Open MPI provides it (and mpicc for sdists).
   # slurm-wlm and munge: tests/distributed/test_cluster_launch.py runs a local 2-node Slurm.
   local missing=()
-  for pkg in openmpi-bin libopenmpi-dev slurm-wlm munge; do
+  for pkg in openmpi-bin libopenmpi-dev slurm-wlm munge pdsh openssh-server; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return
@@ -132,6 +137,17 @@ PY
   if [ -d "$dir" ]; then echo "$versions" >"$dir/.versions"; fi
 }
 
+step_kernels() {
+  # The preconditioner's CPU kernels (molora_ds/optim/cpu_kernels.py), else built at first use (~1 min).
+  # As for the shm op, a build for another torch is dropped.
+  local dir="$TORCH_EXTENSIONS_DIR/molora_ds_precondition_cpu" versions
+  versions="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+  [ "$(cat "$dir/.versions" 2>/dev/null)" = "$versions" ] || rm -rf "$dir"
+  say "kernels: the preconditioner's CPU kernels in $TORCH_EXTENSIONS_DIR (a minute when they must be built)"
+  quietly "$VENV/bin/python" -c 'from molora_ds.optim import cpu_kernels; assert cpu_kernels.kernels(), "not built"'
+  echo "$versions" >"$dir/.versions"
+}
+
 installed || {
   step_system_packages
   step_python_packages
@@ -144,5 +160,9 @@ done_already assets "$ASSETS_KEY" || {
 done_already shm_op "$INSTALL_KEY" || {
   step_shm_op
   echo "$INSTALL_KEY" >"$STAMPS/shm_op"
+}
+done_already kernels "$KERNELS_KEY" || {
+  step_kernels || exit 1
+  echo "$KERNELS_KEY" >"$STAMPS/kernels"
 }
 say "done"

@@ -8,11 +8,17 @@ For expert i, with the parameters before the step:
 The map is linear in the gradient and depends only on the (replicated) parameters, so it
 commutes with data-parallel averaging and gradient accumulation: it may run on each rank's
 local gradient before reduction (see ``molora_ds.optim.zero``) or on the reduced one.
+
+Contiguous fp32 tensors on CPU go to C++ kernels (``cpu_kernels``: one pass over each factor for its
+Gram and inverse, one for each product); everything else (CUDA, bf16, ranks other than 1, 2, 4, 8, 16)
+to the torch ops below. Both compute the inverses in float64.
 """
 
 from __future__ import annotations
 
 import torch
+
+from molora_ds.optim import cpu_kernels
 
 
 def _regularised_inverse(gram: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +68,14 @@ def preconditioners_ex(
     in fp32 their rounding (~1e-7 of the largest eigenvalue) reaches 1e-3 of P_A already after 100
     steps of training, when B^T B's smallest eigenvalue is ~1e-3 of its largest.
     """
+    r = lora_a.shape[1]
+    if cpu_kernels.usable(lora_a, lora_b, rank=r):  # one pass over each factor, no float64 copy
+        kernels = cpu_kernels.kernels()
+        (p_a, failed_a), (p_b, failed_b) = (
+            kernels.inverse_of_gram(lora_b.detach(), False, reg),
+            kernels.inverse_of_gram(lora_a.detach(), True, reg),
+        )
+        return p_a, p_b, failed_a | failed_b
     b = _float64(lora_b)
     gram_b = b.mT @ b  # computed before the next _float64 call may reuse the buffer
     a = _float64(lora_a)
@@ -85,8 +99,11 @@ def preconditioners(
 def precondition_a(grad_a: torch.Tensor, p_a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``P_A @ grad_A`` per expert; ``grad_a [E, r, in]``; returned in ``grad_a``'s dtype.
 
-    ``out``: an ``[E, r, in]`` tensor of the compute dtype (fp32 or better) to write the product to.
+    ``out``: an ``[E, r, in]`` tensor of the compute dtype (fp32 or better) for the torch ops' product
+    (the CPU kernel, used for contiguous fp32 CPU gradients, returns a new tensor).
     """
+    if cpu_kernels.usable(grad_a, rank=p_a.shape[-1]):  # in float64, rounded once
+        return cpu_kernels.kernels().apply_(grad_a, p_a, True, torch.empty_like(grad_a))
     dt = _compute_dtype(grad_a)
     return torch.matmul(p_a.to(dt), grad_a.to(dt), out=out).to(grad_a.dtype)
 
@@ -94,9 +111,12 @@ def precondition_a(grad_a: torch.Tensor, p_a: torch.Tensor, out: torch.Tensor | 
 def precondition_b(grad_b: torch.Tensor, p_b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``grad_B @ P_B`` per expert; ``grad_b [E, out, r]``; returned in ``grad_b``'s dtype.
 
-    Computed as ``(P_B grad_B^T)^T`` (P_B is symmetric): on CPU the product alone is ~7x faster with
-    the long dimension last ([20, 4096, 4]); the result is a transposed view. ``out``: an ``[E, r, out]`` tensor of the compute dtype.
+    The torch ops compute it as ``(P_B grad_B^T)^T`` (P_B is symmetric): on CPU the product alone is ~7x
+    faster with the long dimension last ([20, 4096, 4]); the result is then a transposed view. ``out``:
+    an ``[E, r, out]`` tensor of the compute dtype for that product (not used by the CPU kernel).
     """
+    if cpu_kernels.usable(grad_b, rank=p_b.shape[-1]):  # in float64, rounded once
+        return cpu_kernels.kernels().apply_(grad_b, p_b, False, torch.empty_like(grad_b))
     dt = _compute_dtype(grad_b)
     return torch.matmul(p_b.to(dt), grad_b.to(dt).mT, out=out).mT.to(grad_b.dtype)
 
@@ -104,7 +124,12 @@ def precondition_b(grad_b: torch.Tensor, p_b: torch.Tensor, out: torch.Tensor | 
 def precondition_(lora_a: torch.Tensor, lora_b: torch.Tensor, reg: float) -> None:
     """Precondition ``lora_a.grad`` and ``lora_b.grad`` in place, from the current parameter values."""
     p_a, p_b = preconditioners(lora_a, lora_b, reg)
-    if (g := lora_a.grad) is not None:
-        g.copy_(precondition_a(g, p_a, out=_buffer(g.shape, _compute_dtype(g), g.device)))
-    if (g := lora_b.grad) is not None:
-        g.copy_(precondition_b(g, p_b, out=_buffer(g.mT.shape, _compute_dtype(g), g.device)))
+    for g, p, rows in ((lora_a.grad, p_a, True), (lora_b.grad, p_b, False)):
+        if g is None:
+            continue
+        if cpu_kernels.usable(g, rank=p.shape[-1]):
+            cpu_kernels.kernels().apply_(g, p, rows, g)  # in place, a block at a time
+        elif rows:
+            g.copy_(precondition_a(g, p, out=_buffer(g.shape, _compute_dtype(g), g.device)))
+        else:
+            g.copy_(precondition_b(g, p, out=_buffer(g.mT.shape, _compute_dtype(g), g.device)))

@@ -285,14 +285,15 @@ def test_sbatch_preempted_job_requeues_itself_and_resumes_exactly(slurm, referen
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_per_model_sbatch_preempted_requeues_and_resumes_exactly(slurm, reference, tmp_path):
-    """``launch/slurm/glm4_9b.sbatch`` as a user submits it, one torchrun per node with c10d rendezvous
+@pytest.mark.parametrize("script", ["glm4_9b", "llava_7b"])
+def test_per_model_sbatch_preempted_requeues_and_resumes_exactly(slurm, reference, tmp_path, script):
+    """``launch/slurm/<model>.sbatch`` as a user submits it, one torchrun per node with c10d rendezvous
     on the first node, with the recipe and config overridden from the environment (the tiny recipe,
     ZeRO-2), one rank per node and no GPUs (the emulated nodes have none). Its torchrun forwards
     SIGUSR1 to the ranks and then exits non-zero, so this checks that the requeue does not depend on
     the launcher's exit code."""
     out = tmp_path / "run"
     env = {"RECIPE": RECIPE, "CONFIG": CONFIG, "GPUS_PER_NODE": "1"}
-    job, log = slurm.submit(out, "launch/slurm/glm4_9b.sbatch", (*SETTINGS,), ("--gpus-per-node=0",), env)
+    job, log = slurm.submit(out, f"launch/slurm/{script}.sbatch", (*SETTINGS,), ("--gpus-per-node=0",), env)
     preempt_and_resume(slurm, job, log, out, reference)
     assert SUMMARY in log.read_text()
