@@ -38,9 +38,13 @@ def kernels():
 
 
 def usable(*tensors: torch.Tensor, rank: int) -> bool:
-    """True if the kernels can take these factors or gradients (fp32, contiguous, CPU, r in RANKS)."""
+    """True if the kernels can take these factors or gradients: batches of experts ``[E, ., .]``, fp32,
+    contiguous, on CPU, r in RANKS (one expert's ``[r, in]`` matrices take the torch ops)."""
     return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        all(
+            t.dim() == 3 and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in tensors
+        )
         and rank in RANKS
         and kernels() is not None
     )

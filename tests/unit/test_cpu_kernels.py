@@ -93,7 +93,7 @@ def test_ranks_not_compiled_are_refused_and_dispatched_to_torch_ops(kernels):
 
 def test_fp32_cpu_preconditioning_runs_the_kernels(kernels):
     """preconditioners_ex, precondition_a/_b (hooks) and precondition_ (in place) give the kernels'
-    results, bit for bit; a non-contiguous gradient takes the torch ops."""
+    results, bit for bit; other layouts take the torch ops."""
     a, b = factors(4, 300, seed=1)
     assert cpu_kernels.usable(a, b, rank=4)
     p_a, p_b, _ = preconditioners_ex(a, b, REG)
@@ -109,7 +109,10 @@ def test_fp32_cpu_preconditioning_runs_the_kernels(kernels):
     pa.grad, pb.grad = ga.clone(), gb.clone()
     precondition_(pa, pb, REG)
     assert torch.equal(pa.grad, want_a) and torch.equal(pb.grad, want_b)
-    strided = torch.randn(a.shape[2], 4, E).permute(2, 1, 0)
-    # the torch ops round P to fp32 and accumulate in fp32: r + 2 roundings of |P| |g| at most
-    got, size = precondition_a(strided, p_a).double(), p_a.abs() @ strided.double().abs()
-    assert ((got - p_a @ strided.double()).abs() <= 6 * torch.finfo(torch.float32).eps * size).all()
+    # Torch ops for one expert's [r, in] matrices (a per-expert loop) and for a non-contiguous gradient.
+    # They round P to fp32 and accumulate in fp32: r + 2 roundings of |P| |g| at most.
+    one_expert, strided = ga[0].clone(), torch.randn(a.shape[2], 4, E).permute(2, 1, 0)
+    assert not cpu_kernels.usable(one_expert, rank=4) and not cpu_kernels.usable(strided, rank=4)
+    for g, p in ((one_expert, p_a[0]), (strided, p_a)):
+        got, size = precondition_a(g, p).double(), p.abs() @ g.double().abs()
+        assert ((got - p @ g.double()).abs() <= 6 * torch.finfo(torch.float32).eps * size).all()
