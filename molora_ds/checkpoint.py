@@ -489,11 +489,13 @@ def _repair_zero3_universal_load(optimizer, universal_dir: Path) -> None:
       groups one after the other, so that tensor advanced once per group and optimizer step,
       and the bias corrections drifted (losses off by ~1e-4 within 5 steps on the tiny recipe).
     """
-    # Tensors and plain containers, plus two DeepSpeed classes it pickles; nothing else may load.
+    # Tensors and plain containers, plus two DeepSpeed classes it pickles; nothing else may load. Python
+    # 3.11.2 pickles the ZeroStageEnum member by name, as getattr(ZeroStageEnum, "weights") (3.11.7 by
+    # value), so getattr is allowed too: it only reaches attributes of the globals allowed here.
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, getattr]):
         saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", weights_only=True)
     groups = saved["optimizer_state_dict"]["param_groups"]
     if len(groups) != len(optimizer.param_groups):
