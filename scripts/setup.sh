@@ -25,8 +25,8 @@ INSTALL_KEY="$(hash_of "$ROOT/setup.py" "$ROOT/scripts/setup.sh")"
 ASSETS_PY="$ROOT/molora_ds/data/assets.py"
 ASSETS_KEY="$INSTALL_KEY-$( [ -f "$ASSETS_PY" ] && hash_of "$ASSETS_PY" || echo absent)"
 
-KERNELS_SRC="$ROOT/molora_ds/optim/precondition_cpu.cpp"
-KERNELS_KEY="$INSTALL_KEY-$(hash_of "$KERNELS_SRC" "$ROOT/molora_ds/optim/cpu_kernels.py")"
+KERNELS_SRC=("$ROOT/molora_ds/optim/precondition_cpu.cpp" "$ROOT/molora_ds/modules/pairs_cpu.cpp")
+KERNELS_KEY="$INSTALL_KEY-$(hash_of "${KERNELS_SRC[@]}" "$ROOT/molora_ds/cpu_kernels.py")"
 
 BIGBENCH_SDIST="$MOLORA_CACHE/assets/bigbench-1.0.0.tar.gz"
 
@@ -138,14 +138,17 @@ PY
 }
 
 step_kernels() {
-  # The preconditioner's CPU kernels (molora_ds/optim/cpu_kernels.py), else built at first use (~1 min).
+  # Our CPU kernels (molora_ds/cpu_kernels.py), else built at first use (~1 min each).
   # As for the shm op, a build for another torch is dropped.
-  local dir="$TORCH_EXTENSIONS_DIR/molora_ds_precondition_cpu" versions
+  local name dir versions
   versions="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"
-  [ "$(cat "$dir/.versions" 2>/dev/null)" = "$versions" ] || rm -rf "$dir"
-  say "kernels: the preconditioner's CPU kernels in $TORCH_EXTENSIONS_DIR (a minute when they must be built)"
-  quietly "$VENV/bin/python" -c 'from molora_ds.optim import cpu_kernels; assert cpu_kernels.kernels(), "not built"'
-  echo "$versions" >"$dir/.versions"
+  say "kernels: the preconditioner's and the sparse experts' CPU kernels in $TORCH_EXTENSIONS_DIR (a minute each when they must be built)"
+  for name in precondition pairs; do
+    dir="$TORCH_EXTENSIONS_DIR/molora_ds_${name}_cpu"
+    [ "$(cat "$dir/.versions" 2>/dev/null)" = "$versions" ] || rm -rf "$dir"
+    quietly "$VENV/bin/python" -c "from molora_ds import cpu_kernels; assert cpu_kernels.kernels('$name'), 'not built'"
+    echo "$versions" >"$dir/.versions"
+  done
 }
 
 installed || {

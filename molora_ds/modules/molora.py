@@ -86,7 +86,7 @@ class MoLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         tokens = x.reshape(-1, x.shape[-1])
-        gates, probs = self.router(tokens)
+        gates, probs = self.router(tokens, need_probs=self.load_balance_coef > 0)
         dropped = self.dropout(tokens).to(self.lora_A.dtype)
         lora_a, lora_b = self.lora_A, self.lora_B
         if self.dispatch:
@@ -113,7 +113,7 @@ class MoLoRALinear(nn.Module):
         self.aux_loss = (
             self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
         )
-        return y + delta.reshape(y.shape).to(y.dtype)
+        return y.add_(delta.reshape(y.shape).to(y.dtype))  # in place: the base's backward does not need y
 
     def shard_experts(self, expert_group, dispatch: bool = False) -> None:
         """Keep only this rank's experts (``expert_group.shard``); the forward gathers the others' or, with

@@ -60,6 +60,53 @@ class RouterLogits(torch.autograd.Function):
         return dx, dw
 
 
+class SelectedLogits(torch.autograd.Function):
+    """The logits at ``indices [T, k]`` (given: ``values``, computed without grad), with their sparse gradients.
+
+    A top-k renormalised softmax is the softmax of the k selected logits: the others get no gradient (without
+    a balance loss, which needs every probability). So ``d logits`` has k entries per row, and the backward
+    is two sparse products over the (token, expert) pairs (``sparse.py``'s kernels where they fit, r = 1)
+    instead of two dense GEMMs over all E experts: at E=256, top-8 they were most of the router's time.
+    Computed in (at least) fp32, as ``RouterLogits``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, indices)
+        return values
+
+    @staticmethod
+    def backward(ctx, d_selected: torch.Tensor):  # type: ignore[override]
+        from molora_ds.modules import sparse
+
+        x, weight, indices = ctx.saved_tensors
+        (tokens, num_experts), dtype = (x.shape[0], weight.shape[0]), d_selected.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            xs, ws = x.to(dtype).contiguous(), weight.to(dtype).contiguous()
+            if sparse.kernels_fit(xs):
+                rows = torch.arange(tokens, device=x.device).repeat_interleave(indices.shape[1])
+                runs = sparse.expert_runs(rows, indices.reshape(-1), tokens, num_experts)
+                d = d_selected.reshape(-1, 1).contiguous()
+                dx, dw = runs.expand(d, ws.unsqueeze(1)), runs.outer(d, xs).squeeze(1)
+            else:
+                d_logits = d_selected.new_zeros(tokens, num_experts).scatter_(-1, indices, d_selected)
+                dx, dw = d_logits @ ws, d_logits.T @ xs
+        dx = dx.to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
+
+
+def sparse_top_k_gates(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """``top_k_gates(x @ weight^T, k)[0]`` (the same math: the softmax of the k largest logits), with the
+    router's backward touching only the selected logits (``SelectedLogits``)."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        logits = x.to(dtype) @ weight.to(dtype).T
+        values, indices = logits.topk(k, dim=-1)
+    selected = SelectedLogits.apply(x, weight, indices, values)
+    return torch.zeros_like(logits).scatter(-1, indices, selected.softmax(dim=-1))
+
+
 class Router(nn.Module):
     """Top-k gates (fp32) and probabilities from ``softmax(x @ weight^T)``, ``weight [E, in]``.
 
@@ -77,8 +124,12 @@ class Router(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return top_k_gates(RouterLogits.apply(x, self.weight), self.top_k)
+    def forward(self, x: torch.Tensor, need_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(gates, probs)``; without ``need_probs`` (no balance loss) and with top_k < E, probs is None and
+        the backward is sparse (``sparse_top_k_gates``)."""
+        if need_probs or self.top_k == self.num_experts:
+            return top_k_gates(RouterLogits.apply(x, self.weight), self.top_k)
+        return sparse_top_k_gates(x, self.weight, self.top_k), None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_experts={self.num_experts}, top_k={self.top_k}"

@@ -1,25 +1,28 @@
-"""Only the selected experts: the T*k (token, expert) pairs of a top-k router as one sparse matrix.
+"""Only the selected experts: the T*k (token, expert) pairs of a top-k router.
 
 The dense path (``experts.py``) multiplies every token by all E experts and lets zero gates drop
-the unselected ones: ``T * E * r * (in + out)`` multiply-adds. Here the pairs form a CSR matrix
-``P [T, E*r]`` with ``k*r`` stored entries per row (token t's columns ``e*r .. e*r+r-1`` for each
-selected expert e), and every product is a sparse kernel over it:
+the unselected ones: ``T * E * r * (in + out)`` multiply-adds. Here every product runs over the pairs
+only, through three operations on a pair plan (``w`` an expert's r rows, ``[E, r, D]``):
 
-    h  = (x @ A_cat^T) sampled at P         (SDDMM)   y  = s * P(h*g) @ B_cat        (SpMM)
-    u  = s * (dy @ B_cat) sampled at P      (SDDMM)   dx = P(u*w) @ A_cat            (SpMM)
-    dA_cat = P(u*w)^T @ x,  dB_cat = s * P(h*w)^T @ dy  (SpMM with the transpose of P)
+    project(x, w) -> h [pairs, r]:  h_p = w_e x_t            expand(h, w) -> [T, D]:  sum over t's pairs of h_p w_e
+    outer(h, x) -> [E, r, D]:        sum over e's pairs of h_p^T x_t
 
-with ``A_cat [E*r, in]`` and ``B_cat [E*r, out]`` the experts' rows stacked. These read each token's
-row of x, dy once and write y, dx once; the first version (tokens grouped by expert into padded bmm
-blocks) copied every pair's ``in + out`` elements, k copies of x and of y, and ran slower than dense
-at E=256, top-8 on CPU (bench/README.md). ``P``'s transpose is the pairs sorted by expert: a stable
-argsort, so each of its rows lists its tokens in order.
+    h = project(x, A)       y  = s * expand(g h, B^T)     u = s * project(dy, B^T)   (d loss / d (g h))
+    dx = expand(w u, A)      dA = outer(w u, x)            dB^T = s * outer(w h, dy)
+
+Two implementations of the plan: our CPU kernels (``ExpertRuns``, ``pairs_cpu.cpp``, fp32), which keep
+an expert's rows in cache while its tokens stream by and write each output row once; and torch's CSR
+kernels (``PairPlan``: project is an SDDMM, expand an SpMM, outer an SpMM with the transpose), the portable
+path for fp64, CUDA without ``grouped_fits`` and machines where the kernels cannot be built. The first
+version grouped tokens by expert into padded bmm blocks, copied every pair's ``in + out`` elements and ran
+slower than dense at E=256, top-8 on CPU; the CSR kernels reached 3.1-3.5x faster than dense; our kernels
+(and the router's sparse backward, ``router.SelectedLogits``) over 5x (bench/README.md).
 
 Same contract as the dense path (DESIGN.md section 1), gate rescale included: the backward weights
 expert i's gradients to x, A and B by ``w = sqrt(g_i)`` with ``rescale`` (else ``g_i``), and the
-gate gradient is ``s * <dy, B_i A_i x>`` in both modes. No atomics: each output row of a CSR SpMM
-is one sequential sum (run-to-run identical on CPU, tests/unit/test_sparse.py), so resume stays
-bit-exact. MKL's CPU kernels take fp32 and fp64 only: half-precision inputs are computed in fp32 and
+gate gradient is ``s * <dy, B_i A_i x>`` in both modes. No atomics: every output element is one sum
+in a fixed order in both implementations (run-to-run and thread-count identical on CPU,
+tests/unit/test_sparse.py), so resume stays bit-exact. Half-precision inputs are computed in fp32 and
 the results cast back (one rounding fewer than a bf16 kernel). On CUDA, where ``grouped_fits``, the pairs
 go through ``torch.nn.functional.grouped_mm`` instead (``grouped_lora_experts``).
 """
@@ -30,12 +33,14 @@ from dataclasses import dataclass
 
 import torch
 
+from molora_ds import cpu_kernels
+
 KERNEL_DTYPES = (torch.float32, torch.float64)  # what torch's CPU CSR kernels (MKL) implement
 
 
 @dataclass(frozen=True)
 class PairPlan:
-    """The pattern of ``P [T, E*r]`` and of its transpose.
+    """The pattern of ``P [T, E*r]`` and of its transpose: the products with the CSR kernels.
 
     ``crow [T+1]``, ``col [T*k*r]``: P in CSR (row t holds its k experts' r columns, ascending);
     ``perm [T*k*r]``: P's entries in the transpose's order; ``crow_t [E*r+1]``, ``col_t``: P^T in
@@ -56,6 +61,21 @@ class PairPlan:
     def transposed(self, values: torch.Tensor) -> torch.Tensor:
         """P^T with the same ``values`` (given in P's row order)."""
         return _csr(self.crow_t, self.col_t, values.index_select(0, self.perm), self.shape[::-1])
+
+    def project(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``h [pairs, r]``: each pair's expert rows ``w [E, r, D]`` times its token's row of ``x [T, D]`` (SDDMM)."""
+        zeros = self.matrix(x.new_zeros(self.col.numel()))
+        rows = w.reshape(-1, w.shape[-1])
+        return torch.sparse.sampled_addmm(zeros, x, rows.T, beta=0.0).values().view(-1, w.shape[1])
+
+    def expand(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``out [T, D]``: each token's sum over its pairs of ``h[p] @ w[e]`` (SpMM)."""
+        return self.matrix(h.reshape(-1)) @ w.reshape(-1, w.shape[-1])
+
+    def outer(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``g [E, r, D]``: each expert's sum over its pairs of ``h[p]^T x[t]`` (SpMM with P^T)."""
+        rank = h.shape[-1]
+        return (self.transposed(h.reshape(-1)) @ x).view(self.shape[1] // rank, rank, -1)
 
 
 def _csr(crow, col, values, shape) -> torch.Tensor:
@@ -79,52 +99,83 @@ def plan_pairs(
     return PairPlan(crow, col, perm, crow_t, col_t, (num_rows, num_experts * rank))
 
 
-def _sampled(plan: PairPlan, left: torch.Tensor, right_rows: torch.Tensor) -> torch.Tensor:
-    """``(left @ right_rows^T)`` at P's entries, in P's row order."""
-    zeros = plan.matrix(left.new_zeros(plan.col.numel()))
-    return torch.sparse.sampled_addmm(zeros, left, right_rows.T, beta=0.0).values()
+@dataclass(frozen=True)
+class ExpertRuns:
+    """The same products with our CPU kernels (``pairs_cpu.cpp``, fp32): the pairs sorted by expert
+    (``order``, their ``token``, expert e's run ``offsets[e] .. offsets[e+1]``) for ``project`` and
+    ``outer``, which keep one expert's rows in cache while its tokens stream by; by token (``experts``,
+    ``row_offsets``) for ``expand``, which writes each token's row once. Any rank: r is a tensor dimension."""
+
+    order: torch.Tensor
+    token: torch.Tensor
+    offsets: torch.Tensor
+    experts: torch.Tensor
+    row_offsets: torch.Tensor
+
+    def project(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.kernels("pairs").project(x, w, self.order, self.token, self.offsets)
+
+    def expand(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.kernels("pairs").expand(h, w, self.experts, self.row_offsets)
+
+    def outer(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.kernels("pairs").outer(h, x, self.order, self.token, self.offsets)
+
+
+def expert_runs(rows: torch.Tensor, experts: torch.Tensor, num_rows: int, num_experts: int) -> ExpertRuns:
+    """The pairs ``(rows[p], experts[p])`` (sorted by row, any number per row) for the CPU kernels."""
+    rows, experts = rows.contiguous(), experts.contiguous()
+    order = torch.argsort(experts, stable=True)
+    offsets = experts.new_zeros(num_experts + 1)
+    offsets[1:] = torch.bincount(experts, minlength=num_experts).cumsum(0)
+    row_offsets = rows.new_zeros(num_rows + 1)
+    row_offsets[1:] = torch.bincount(rows, minlength=num_rows).cumsum(0)
+    return ExpertRuns(order, rows.index_select(0, order), offsets, experts, row_offsets)
+
+
+def kernels_fit(x: torch.Tensor) -> bool:
+    """Whether our CPU kernels take ``x``'s products: fp32 on CPU, the kernels built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.kernels("pairs") is not None
+
+
+def plan(rows: torch.Tensor, experts: torch.Tensor, x: torch.Tensor, num_experts: int, rank: int):
+    """``ExpertRuns`` where ``kernels_fit(x)``, else the CSR ``PairPlan``: both have project, expand, outer."""
+    if kernels_fit(x):
+        return expert_runs(rows, experts, x.shape[0], num_experts)
+    return plan_pairs(rows, experts, x.shape[0], num_experts, rank)
 
 
 class SparseMixtureOfLoRAExperts(torch.autograd.Function):
     """``y_t = s * sum_p g_p B_e(p) A_e(p) x_t`` over the pairs p of row t (``plan``; ``gates`` one per pair).
 
     Autocast is off inside: the caller casts the inputs (``selected_lora_experts``), and an active autocast
-    would recast the products to bf16, which the CPU CSR kernels do not implement.
+    would recast the products to bf16, which neither kernel implements.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, gates, plan: PairPlan, scaling: float, rescale: bool):  # type: ignore[override]
+    def forward(ctx, x, lora_a, lora_b, gates, plan, scaling: float, rescale: bool):  # type: ignore[override]
         with torch.autocast(x.device.type, enabled=False):
-            num_experts, rank, in_features = lora_a.shape
-            a_cat = lora_a.reshape(num_experts * rank, in_features)
-            b_cat = lora_b.transpose(1, 2).reshape(num_experts * rank, -1)
-            h = _sampled(plan, x, a_cat)
-            g = gates.to(x.dtype).repeat_interleave(rank)
-            y = (plan.matrix(h * g) @ b_cat).mul_(scaling)
-            ctx.save_for_backward(x, lora_a, b_cat, gates, h)
+            b_rows = lora_b.transpose(1, 2).contiguous()  # [E, r, out]
+            h = plan.project(x, lora_a)
+            # s times the [pairs] gates, not the [T, out] result
+            y = plan.expand(h * (gates.to(x.dtype) * scaling).unsqueeze(-1), b_rows)
+            ctx.save_for_backward(x, lora_a, b_rows, gates, h)
             ctx.plan, ctx.scaling, ctx.rescale = plan, scaling, rescale
             return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         with torch.autocast(dy.device.type, enabled=False):
-            x, lora_a, b_cat, gates, h = ctx.saved_tensors
+            x, lora_a, b_rows, gates, h = ctx.saved_tensors
             plan, s = ctx.plan, ctx.scaling
-            num_experts, rank, in_features = lora_a.shape
-            u = _sampled(plan, dy, b_cat).mul_(s)  # d loss / d (h * g)
-            d_gates = None
-            if ctx.needs_input_grad[3]:
-                d_gates = (u * h).view(-1, rank).sum(-1).to(gates.dtype)
-            g = gates.repeat_interleave(rank)
-            w = (g.sqrt() if ctx.rescale else g).to(x.dtype)
+            dy = dy.contiguous()
+            u = plan.project(dy, b_rows).mul_(s)  # d loss / d (h * g)
+            d_gates = (u * h).sum(-1).to(gates.dtype) if ctx.needs_input_grad[3] else None
+            w = (gates.sqrt() if ctx.rescale else gates).to(x.dtype).unsqueeze(-1)
             dh = u.mul_(w)
-            dx = da = db = None
-            if ctx.needs_input_grad[0]:
-                dx = plan.matrix(dh) @ lora_a.reshape(num_experts * rank, in_features)
-            if ctx.needs_input_grad[1]:
-                da = (plan.transposed(dh) @ x).view_as(lora_a)
-            if ctx.needs_input_grad[2]:
-                db = (plan.transposed(h * w) @ dy).mul_(s).view(num_experts, rank, -1).transpose(1, 2)
+            dx = plan.expand(dh, lora_a) if ctx.needs_input_grad[0] else None
+            da = plan.outer(dh, x) if ctx.needs_input_grad[1] else None
+            db = plan.outer(h * (w * s), dy).transpose(1, 2) if ctx.needs_input_grad[2] else None
             return dx, da, db, d_gates, None, None, None
 
 
@@ -168,8 +219,9 @@ def selected_lora_experts(
     out_dtype = x.dtype
     if x.dtype not in KERNEL_DTYPES:
         x, lora_a, lora_b = x.float(), lora_a.float(), lora_b.float()
-    plan = plan_pairs(rows, experts, x.shape[0], lora_a.shape[0], lora_a.shape[1])
-    y = SparseMixtureOfLoRAExperts.apply(x, lora_a, lora_b, selected, plan, scaling, rescale)
+    x = x.contiguous()
+    pairs = plan(rows, experts, x, lora_a.shape[0], lora_a.shape[1])
+    y = SparseMixtureOfLoRAExperts.apply(x, lora_a.contiguous(), lora_b, selected, pairs, scaling, rescale)
     return y.to(out_dtype)
 
 

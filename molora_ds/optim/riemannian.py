@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from molora_ds.optim import cpu_kernels
+from molora_ds import cpu_kernels
 
 
 def _regularised_inverse(gram: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor]:

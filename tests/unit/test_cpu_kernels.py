@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from molora_ds.optim import cpu_kernels
+from molora_ds import cpu_kernels
 from molora_ds.optim.riemannian import precondition_, precondition_a, precondition_b, preconditioners_ex
 
 EPS64, HALF_ULP32 = torch.finfo(torch.float64).eps, 2.0**-24

@@ -154,10 +154,13 @@ def test_bfloat16_close_to_float32_reference(shape, rescale):
 def test_bfloat16_router_softmax_in_float32():
     layer = make_layer(6, 2, 3, rescale=True, dtype=torch.bfloat16)
     captured = {}
-    layer.router.register_forward_hook(lambda m, i, out: captured.update(gates=out[0], probs=out[1]))
-    layer(torch.randn(5, 7, IN).to(torch.bfloat16))
-    gates, probs = captured["gates"], captured["probs"]
-    assert gates.dtype == probs.dtype == torch.float32
+    layer.router.register_forward_hook(lambda m, i, out: captured.update(gates=out[0]))
+    x = torch.randn(5, 7, IN).to(torch.bfloat16)
+    layer(x)  # the sparse router (no balance loss): no probabilities
+    gates, probs = layer.router(x.reshape(35, IN), need_probs=True)  # the dense one
+    # the same math in fp32: E + k + 4 roundings apart at most (the sums of E and k exponentials, exp, division)
+    torch.testing.assert_close(captured["gates"], gates, rtol=(6 + 3 + 4) * 2**-24, atol=0)
+    assert gates.dtype == probs.dtype == captured["gates"].dtype == torch.float32
     ones = torch.ones(35)
     torch.testing.assert_close(gates.sum(-1), ones, rtol=0, atol=1e-6)
     torch.testing.assert_close(probs.sum(-1), ones, rtol=0, atol=1e-6)
@@ -363,14 +366,62 @@ def test_top_k_larger_than_num_experts_raises():
         MoLoRALinear(nn.Conv1d(4, 4, 1), num_experts=4, rank=2, top_k=1, alpha=1.0)
 
 
-def test_router_returns_renormalised_top_k():
+@pytest.mark.parametrize("need_probs", [True, False])
+def test_router_returns_renormalised_top_k(need_probs):
+    """Values and gradients against the reference, fp64: with probabilities (autograd through the full
+    softmax) and without (the sparse backward through the k selected logits only; CSR-free fallback)."""
     torch.manual_seed(0)
     router = Router(IN, 6, top_k=2).double()
-    x = torch.randn(9, IN, dtype=torch.float64)
-    gates, probs = router(x)
-    want_g, want_p = reference_gates(x, router.weight, 2)
+    x = torch.randn(9, IN, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(9, 6, dtype=torch.float64)
+    gates, probs = router(x, need_probs=need_probs)
+    (gates * upstream).sum().backward()
+    xr, wr = x.detach().clone().requires_grad_(), router.weight.detach().clone().requires_grad_()
+    want_g, want_p = reference_gates(xr, wr, 2)
+    (want_g * upstream).sum().backward()
     torch.testing.assert_close(gates, want_g)
-    torch.testing.assert_close(probs, want_p)
+    if need_probs:
+        torch.testing.assert_close(probs, want_p)
+    else:
+        assert probs is None
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(router.weight.grad, wr.grad)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 8])
+def test_sparse_router_backward_fp32_kernels_within_rounding(top_k):
+    """fp32 on CPU takes our pair kernels (r = 1) for the sparse router backward; against the fp64
+    reference, each gradient element is one fp32 sum of at most k (dx) or T (dW) products, each of
+    d_logit (a few roundings off) and an exact fp32 input: within (T + 8) u of the sum of |terms|."""
+    torch.manual_seed(0)
+    tokens, experts = 50, 16
+    router = Router(IN, experts, top_k=top_k)
+    x = torch.randn(tokens, IN, requires_grad=True)
+    upstream = torch.randn(tokens, experts)
+    gates, _ = router(x)
+    (gates * upstream).sum().backward()
+    xr = x.detach().double().requires_grad_()
+    wr = router.weight.detach().double().requires_grad_()
+    want_g, _ = reference_gates(xr, wr, top_k)
+    (want_g * upstream.double()).sum().backward()
+    torch.testing.assert_close(gates.double(), want_g, rtol=(experts + top_k + 4) * 2**-24, atol=0)
+    if top_k == 1:  # a renormalised top-1 gate is 1 whatever the logits
+        assert not x.grad.any() and not router.weight.grad.any()
+        return
+    # d loss / d logits in fp64 (reference_gates of the logits themselves, through an identity router)
+    logits = (xr @ wr.T).detach().requires_grad_()
+    (
+        reference_gates(logits, torch.eye(experts, dtype=torch.float64), top_k)[0] * upstream.double()
+    ).sum().backward()
+    d = logits.grad.abs()
+    # d_logits carries the gates' E + k + 4 roundings and a few of the softmax backward's; then a sum of
+    # k (dx) or up to T (dW) terms: a first-order bound, far below a wrong expert or a missing term
+    roundings = experts + top_k + 8
+    bound_x = (roundings + top_k) * 2**-24 * (d @ wr.detach().abs())
+    bound_w = (roundings + tokens) * 2**-24 * (d.T @ xr.detach().abs())
+    assert xr.grad.abs().max() > 0 and wr.grad.abs().max() > 0
+    assert ((x.grad.double() - xr.grad).abs() <= bound_x).all()
+    assert ((router.weight.grad.double() - wr.grad).abs() <= bound_w).all()
 
 
 def test_trap_detach_on_h_only_is_caught():
