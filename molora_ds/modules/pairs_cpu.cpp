@@ -24,33 +24,48 @@
 
 namespace {
 
-// h[order[q]] = w_e x[token[q]] for one expert's pairs q in [begin, end). Four rows of w per pass over the
-// token's row (one load of x for four products), then the rest one by one.
+// A dot product is LANES partial sums (column c into lane c mod LANES) added in a fixed order at the end: the
+// same arithmetic for a pair whatever the blocking below and the vector width the compiler picks, so a pair's
+// h does not depend on which other tokens chose its expert. 16 lanes: one AVX-512 register.
+constexpr int64_t LANES = 16;
+
+// h[j][i] = <w_i, x[j]> for N rows of w and J tokens: each row of w is loaded once for J tokens, each token's
+// element once for N rows (register blocking; one row per token per pass would read w from L2 every pair).
+template <int N, int J>
+[[gnu::always_inline]] inline void dots(const float* w, const float* const* x, int64_t D, float* const* h) {
+  float acc[J][N][LANES] = {};
+  int64_t c = 0;
+  for (; c + LANES <= D; c += LANES)
+    for (int j = 0; j < J; ++j)
+      for (int i = 0; i < N; ++i)
+#pragma omp simd
+        for (int64_t l = 0; l < LANES; ++l) acc[j][i][l] += w[i * D + c + l] * x[j][c + l];
+  for (int64_t l = 0; c + l < D; ++l)
+    for (int j = 0; j < J; ++j)
+      for (int i = 0; i < N; ++i) acc[j][i][l] += w[i * D + c + l] * x[j][c + l];
+  for (int j = 0; j < J; ++j)
+    for (int i = 0; i < N; ++i) {
+      float sum = 0;
+      for (int64_t l = 0; l < LANES; ++l) sum += acc[j][i][l];
+      h[j][i] = sum;
+    }
+}
+
+// h[order[q]] = w_e x[token[q]] for one expert's pairs q in [begin, end), two pairs and four rows at a time.
 MULTIVERSION void project_expert(const float* x, const float* w, const int64_t* order, const int64_t* token,
                                  int64_t begin, int64_t end, int64_t R, int64_t D, float* h) {
-  for (int64_t q = begin; q < end; ++q) {
-    const float* xt = x + token[q] * D;
-    float* hp = h + order[q] * R;
+  for (int64_t q = begin; q < end; q += 2) {
+    const bool two = q + 1 < end;
+    const float* xs[2] = {x + token[q] * D, x + token[two ? q + 1 : q] * D};
+    float* hp[2] = {h + order[q] * R, h + order[two ? q + 1 : q] * R};
     int64_t i = 0;
     for (; i + 4 <= R; i += 4) {
-      const float *w0 = w + i * D, *w1 = w0 + D, *w2 = w1 + D, *w3 = w2 + D;
-      float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t c = 0; c < D; ++c) {
-        const float xc = xt[c];
-        a0 += w0[c] * xc;
-        a1 += w1[c] * xc;
-        a2 += w2[c] * xc;
-        a3 += w3[c] * xc;
-      }
-      hp[i] = a0, hp[i + 1] = a1, hp[i + 2] = a2, hp[i + 3] = a3;
+      float* hi[2] = {hp[0] + i, hp[1] + i};
+      two ? dots<4, 2>(w + i * D, xs, D, hi) : dots<4, 1>(w + i * D, xs, D, hi);
     }
     for (; i < R; ++i) {
-      const float* wi = w + i * D;
-      float acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < D; ++c) acc += wi[c] * xt[c];
-      hp[i] = acc;
+      float* hi[2] = {hp[0] + i, hp[1] + i};
+      two ? dots<1, 2>(w + i * D, xs, D, hi) : dots<1, 1>(w + i * D, xs, D, hi);
     }
   }
 }
@@ -70,32 +85,40 @@ MULTIVERSION void expand_row(const float* h, const float* w, const int64_t* expe
   }
 }
 
-// g = sum over one expert's pairs q in [begin, end) of h[order[q]]^T x[token[q]]; g [R, D] starts at zero.
-// Four rows of g per pass over the token's row, then the rest one by one.
+// g_i += h[j][i] x[j] for N rows of g and J tokens, token by token for each element (so the same sums as one
+// pair at a time): each row of g is read and written once for J tokens.
+template <int N, int J>
+[[gnu::always_inline]] inline void add_outer(float* __restrict g, const float* const* h, const float* const* x,
+                                            int64_t D) {
+  float a[J][N];
+  const float* __restrict xs[J];
+  for (int j = 0; j < J; ++j) {
+    xs[j] = x[j];
+    for (int i = 0; i < N; ++i) a[j][i] = h[j][i];
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < D; ++c)
+    for (int j = 0; j < J; ++j)
+      for (int i = 0; i < N; ++i) g[i * D + c] += a[j][i] * xs[j][c];
+}
+
+// g = sum over one expert's pairs q in [begin, end) of h[order[q]]^T x[token[q]], two pairs and four rows at a
+// time; g [R, D] starts at zero.
 MULTIVERSION void outer_expert(const float* h, const float* x, const int64_t* order, const int64_t* token,
                                int64_t begin, int64_t end, int64_t R, int64_t D, float* g) {
   for (int64_t c = 0; c < R * D; ++c) g[c] = 0;
-  for (int64_t q = begin; q < end; ++q) {
-    const float* xt = x + token[q] * D;
-    const float* hp = h + order[q] * R;
+  for (int64_t q = begin; q < end; q += 2) {
+    const bool two = q + 1 < end;
+    const float* xs[2] = {x + token[q] * D, x + token[two ? q + 1 : q] * D};
+    const float* hp[2] = {h + order[q] * R, h + order[two ? q + 1 : q] * R};
     int64_t i = 0;
     for (; i + 4 <= R; i += 4) {
-      float *g0 = g + i * D, *g1 = g0 + D, *g2 = g1 + D, *g3 = g2 + D;
-      const float a0 = hp[i], a1 = hp[i + 1], a2 = hp[i + 2], a3 = hp[i + 3];
-#pragma omp simd
-      for (int64_t c = 0; c < D; ++c) {
-        const float xc = xt[c];
-        g0[c] += a0 * xc;
-        g1[c] += a1 * xc;
-        g2[c] += a2 * xc;
-        g3[c] += a3 * xc;
-      }
+      const float* hi[2] = {hp[0] + i, hp[1] + i};
+      two ? add_outer<4, 2>(g + i * D, hi, xs, D) : add_outer<4, 1>(g + i * D, hi, xs, D);
     }
     for (; i < R; ++i) {
-      const float a = hp[i];
-      float* gi = g + i * D;
-#pragma omp simd
-      for (int64_t c = 0; c < D; ++c) gi[c] += a * xt[c];
+      const float* hi[2] = {hp[0] + i, hp[1] + i};
+      two ? add_outer<1, 2>(g + i * D, hi, xs, D) : add_outer<1, 1>(g + i * D, hi, xs, D);
     }
   }
 }
