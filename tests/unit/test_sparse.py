@@ -227,3 +227,25 @@ def test_fp32_paths_within_the_fp32_bound(path, shape, rescale):
         assert w.abs().max() > 0, f"{name}: zero reference, the test would not bite"
         ratio = ((g.double() - w).abs() / (n * u * m).clamp_min(1e-300)).max()
         assert ratio <= 2, f"{name}: off by {ratio:.2f} n u of the absolute sums"
+
+
+def test_cpu_kernels_token_result_independent_of_the_batch():
+    """A token's output from our CPU kernels is the same bits whether other tokens share its experts or not
+    (each dot product has a fixed lane structure, each row its pairs in order): so token dispatch, which sends
+    each rank a different subset of tokens, computes every token as the unsharded layer would."""
+    torch.manual_seed(3)
+    tokens, num_experts, rank, top_k = 301, 12, 4, 3
+    x, a, b = torch.randn(tokens, IN), torch.randn(num_experts, rank, IN), torch.randn(num_experts, OUT, rank)
+    assert kernels_fit(x)
+    gates = torch.randn(tokens, num_experts).softmax(-1)
+    experts = gates.topk(top_k, dim=-1).indices.sort(dim=-1).values
+    selected = gates.gather(-1, experts)
+    rows = torch.arange(tokens).repeat_interleave(top_k)
+    full = selected_lora_experts(x, a, b, selected.reshape(-1), rows, experts.reshape(-1), 2.0, True)
+    for part in (slice(0, 1), slice(7, 8), slice(100, 177)):
+        n = part.stop - part.start
+        sub_rows = torch.arange(n).repeat_interleave(top_k)
+        got = selected_lora_experts(
+            x[part], a, b, selected[part].reshape(-1), sub_rows, experts[part].reshape(-1), 2.0, True
+        )
+        assert torch.equal(got, full[part])
