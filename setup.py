@@ -6,7 +6,7 @@ setup(
     description="Mixture of low-rank experts (MoE-LoRA) fine-tuning with Riemannian optimizers on DeepSpeed",
     packages=find_packages(include=["molora_ds", "molora_ds.*"]),
     # model configs for planning without the hub; the CPU kernels' source, compiled at first use
-    package_data={"molora_ds": ["models/configs/*.json", "optim/*.cpp", "modules/*.cpp"]},
+    package_data={"molora_ds": ["models/configs/*.json", "optim/*.cpp", "modules/*.cpp", "*.h"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -33,7 +33,12 @@ def kernels(name: str = "precondition"):
     from torch.utils.cpp_extension import load
 
     try:
-        return load(f"molora_ds_{name}_cpu", [str(SOURCES[name])], extra_cflags=["-O3", "-fopenmp-simd"])
+        return load(
+            f"molora_ds_{name}_cpu",
+            [str(SOURCES[name])],
+            extra_cflags=["-O3", "-fopenmp-simd"],
+            extra_include_paths=[str(PACKAGE)],  # multiversion.h
+        )
     except Exception as error:  # no compiler, or a failed build: the torch ops still work
         warnings.warn(
             f"molora_ds: the CPU {name} kernels could not be built ({error}); using torch ops, "

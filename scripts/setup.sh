@@ -25,7 +25,7 @@ INSTALL_KEY="$(hash_of "$ROOT/setup.py" "$ROOT/scripts/setup.sh")"
 ASSETS_PY="$ROOT/molora_ds/data/assets.py"
 ASSETS_KEY="$INSTALL_KEY-$( [ -f "$ASSETS_PY" ] && hash_of "$ASSETS_PY" || echo absent)"
 
-KERNELS_SRC=("$ROOT/molora_ds/optim/precondition_cpu.cpp" "$ROOT/molora_ds/modules/pairs_cpu.cpp")
+KERNELS_SRC=("$ROOT/molora_ds/optim/precondition_cpu.cpp" "$ROOT/molora_ds/modules/pairs_cpu.cpp" "$ROOT/molora_ds/multiversion.h")
 KERNELS_KEY="$INSTALL_KEY-$(hash_of "${KERNELS_SRC[@]}" "$ROOT/molora_ds/cpu_kernels.py")"
 
 BIGBENCH_SDIST="$MOLORA_CACHE/assets/bigbench-1.0.0.tar.gz"
@@ -138,16 +138,14 @@ PY
 }
 
 step_kernels() {
-  # Our CPU kernels (molora_ds/cpu_kernels.py), else built at first use (~1 min each).
-  # As for the shm op, a build for another torch is dropped.
-  local name dir versions
-  versions="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"
-  say "kernels: the preconditioner's and the sparse experts' CPU kernels in $TORCH_EXTENSIONS_DIR (a minute each when they must be built)"
+  # Our CPU kernels (molora_ds/cpu_kernels.py), else built at first use (~1 min each). This step runs when
+  # torch or a kernel source (the shared header included, which torch's loader does not track) changed:
+  # the old builds are dropped.
+  local name
+  say "kernels: the preconditioner's and the sparse experts' CPU kernels in $TORCH_EXTENSIONS_DIR (a minute each)"
   for name in precondition pairs; do
-    dir="$TORCH_EXTENSIONS_DIR/molora_ds_${name}_cpu"
-    [ "$(cat "$dir/.versions" 2>/dev/null)" = "$versions" ] || rm -rf "$dir"
+    rm -rf "$TORCH_EXTENSIONS_DIR/molora_ds_${name}_cpu"
     quietly "$VENV/bin/python" -c "from molora_ds import cpu_kernels; assert cpu_kernels.kernels('$name'), 'not built'"
-    echo "$versions" >"$dir/.versions"
   done
 }
 

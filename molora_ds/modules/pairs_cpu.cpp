@@ -15,12 +15,7 @@
 
 #include <ATen/Parallel.h>
 
-// One build serves every x86-64 machine (as in precondition_cpu.cpp): AVX-512, AVX2 + FMA and the baseline.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
+#include "multiversion.h"
 
 namespace {
 
