@@ -1,14 +1,16 @@
 """Dense vs sparse expert compute of one ``MoLoRALinear``, next to the frozen base layer, with the cost rule's prediction.
 
-    nice -n 10 python bench/bench_experts.py --threads 1      # T=2048, in=out=2048, r=4, E 20..1024, top-k 2 and 8
+    nice -n 10 python bench/bench_experts.py --threads 1 --clock cpu   # T=2048, in=out=2048, r=4, E 20..1024, top-k 2 and 8
     python bench/bench_experts.py --quick                     # CI smoke: tiny shapes, 2 repeats
 
 Variants per shape, on one frozen ``nn.Linear`` and the same input (which requires grad, so that the backward
 computes dx): ``base`` (the Linear alone), ``dense`` and ``sparse`` (``MoLoRALinear(expert_compute=...)``,
 gate rescale on, dropout off). Before timing, both paths are checked to give the same output and gradients
 in float64 on a few tokens. A step is forward + backward of a fixed dy; the variants run round-robin (start
-rotated per round) and the table shows medians over rounds. The adapter's own time is the layer's median
-minus the base's median, measured side by side in the same rounds.
+rotated per round) and the table shows medians over rounds. The adapter's own time is the median over rounds of
+the layer's time minus the base's in the same round (paired: a slow spell of the shared machine shifts both).
+``--clock cpu`` reads the process's CPU time instead of the wall clock (with ``--threads 1``: time spent
+descheduled by other jobs is not counted).
 
 The cost rule of ``expert_compute="auto"`` (``molora_ds.modules.sparse.use_sparse``) predicts the adapter
 speedup of sparse over dense as ``E / (SPARSE_FACTOR * k)``: the column ``pred``; ``fit`` is the factor this
@@ -25,6 +27,7 @@ import sys
 
 import torch
 from bench_layer import make_step, peak_memory_mb, round_robin_ms
+from bench_optim import CLOCKS
 from torch import nn
 
 from molora_ds import MoLoRALinear
@@ -67,10 +70,13 @@ def run_shape(args, experts: int, top_k: int, device, dtype) -> dict:
     dy = torch.randn(args.tokens, args.features, device=device, dtype=dtype)
     check_same_math(variants["dense"], variants["sparse"], x)
     steps = {name: make_step(module, x, dy) for name, module in variants.items()}
-    times = round_robin_ms(steps, args.warmup, args.repeats, device)
+    times = round_robin_ms(steps, args.warmup, args.repeats, device, CLOCKS[args.clock])
     med = {name: statistics.median(t) for name, t in times.items()}
     peak = {name: peak_memory_mb(steps[name], device) for name in ("dense", "sparse")}
-    adapter = {name: max(med[name] - med["base"], 1e-3) for name in ("dense", "sparse")}
+    adapter = {
+        name: max(statistics.median(a - b for a, b in zip(times[name], times["base"])), 1e-3)
+        for name in ("dense", "sparse")
+    }
     pick = "sparse" if use_sparse(experts, top_k, device) else "dense"
     return {
         "E": experts,
@@ -137,6 +143,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: this process's CPU time"
+    )
     parser.add_argument("--quick", action="store_true", help="CI smoke: tiny shapes, 2 repeats")
     parser.add_argument(
         "--plot", help=argparse.SUPPRESS
@@ -159,11 +168,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type == "cuda":
+        raise SystemExit("--clock cpu does not see GPU time; use --clock wall with --device cuda")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     rows = [run_shape(args, e, k, device, dtype) for e in args.experts for k in args.top_k if k <= e]
     print(
         f"tokens={args.tokens}, in=out={args.features}, r={args.rank}, {args.dtype}, {device.type}, "
-        f"threads={torch.get_num_threads()}, {args.repeats} rounds; SPARSE_FACTOR={SPARSE_FACTOR[device.type]}"
+        f"threads={torch.get_num_threads()}, {args.repeats} rounds, {args.clock} clock; SPARSE_FACTOR={SPARSE_FACTOR[device.type]}"
     )
     print_table(rows)
     print("\ntargets" + (" (--quick: tiny shapes, informative only)" if args.quick else ""))

@@ -192,7 +192,9 @@ def check_same_math(loop: ExpertLoopMoLoRA, ours: MoLoRALinear, x: torch.Tensor)
         torch.testing.assert_close(got, want, msg=lambda m, what=what: f"loop vs ours, {what}: {m}")
 
 
-def time_step_ms(step: Callable[[], None], device: torch.device) -> float:
+def time_step_ms(
+    step: Callable[[], None], device: torch.device, clock: Callable[[], float] = time.perf_counter
+) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -200,9 +202,9 @@ def time_step_ms(step: Callable[[], None], device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end)
-    start_s = time.perf_counter()
+    start_s = clock()
     step()
-    return (time.perf_counter() - start_s) * 1e3
+    return (clock() - start_s) * 1e3
 
 
 @contextlib.contextmanager
@@ -254,9 +256,16 @@ def run_shape(
     return [Result(name, times[name], peak_memory_mb(steps[name], device)) for name in steps]
 
 
-def round_robin_ms(steps: dict, warmup: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
+def round_robin_ms(
+    steps: dict,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
     """Times of each step, in rounds that run every variant once, each round starting one later:
-    on a shared machine a slow spell then hits every variant, not the one that happened to run."""
+    on a shared machine a slow spell then hits every variant, not the one that happened to run.
+    ``times[name][i]`` is round i's, so variants can be compared round by round."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -265,7 +274,7 @@ def round_robin_ms(steps: dict, warmup: int, repeats: int, device: torch.device)
     for round_ in range(repeats):
         for i in range(len(names)):
             name = names[(round_ + i) % len(names)]
-            times[name].append(time_step_ms(steps[name], device))
+            times[name].append(time_step_ms(steps[name], device, clock))
     return times
 
 
