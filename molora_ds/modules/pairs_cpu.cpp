@@ -124,15 +124,29 @@ void check(const torch::Tensor& t, torch::ScalarType dtype, int64_t dim, const c
               " on ", t.device());
 }
 
-// The pairs sorted by expert: order and token [P], offsets [E + 1] ending at P.
-void check_runs(const torch::Tensor& order, const torch::Tensor& token, const torch::Tensor& offsets, int64_t E) {
+// Every index in [0, bound): the kernels read and write through them unchecked.
+void check_range(const torch::Tensor& index, int64_t bound, const char* name) {
+  TORCH_CHECK(index.numel() == 0 || (index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < bound), name,
+              " must index [0, ", bound, ")");
+}
+
+// Run boundaries [n + 1]: from 0 up to P, never falling.
+void check_offsets(const torch::Tensor& offsets, int64_t n, int64_t P, const char* name) {
+  check(offsets, torch::kLong, 1, name);
+  TORCH_CHECK(offsets.size(0) == n + 1 && offsets[0].item<int64_t>() == 0 && offsets[n].item<int64_t>() == P &&
+                  (n == 0 || (offsets.diff() >= 0).all().item<bool>()),
+              name, " must be ", n + 1, " run boundaries rising from 0 to ", P, ", got ", offsets.sizes());
+}
+
+// The pairs sorted by expert: order and token [P] (pairs and tokens of x's T rows), offsets [E + 1].
+void check_runs(const torch::Tensor& order, const torch::Tensor& token, const torch::Tensor& offsets, int64_t E,
+                int64_t T) {
   check(order, torch::kLong, 1, "order");
   check(token, torch::kLong, 1, "token");
-  check(offsets, torch::kLong, 1, "offsets");
-  TORCH_CHECK(token.size(0) == order.size(0) && offsets.size(0) == E + 1 &&
-                  offsets[E].item<int64_t>() == order.size(0),
-              "order, token [P] and offsets [E + 1 = ", E + 1, "] ending at P do not match: ", order.sizes(), ", ",
-              token.sizes(), ", ", offsets.sizes());
+  TORCH_CHECK(token.size(0) == order.size(0), "order ", order.sizes(), " and token ", token.sizes(), " differ");
+  check_offsets(offsets, E, order.size(0), "offsets");
+  check_range(order, order.size(0), "order");
+  check_range(token, T, "token");
 }
 
 torch::Tensor project(torch::Tensor x, torch::Tensor w, torch::Tensor order, torch::Tensor token,
@@ -141,7 +155,7 @@ torch::Tensor project(torch::Tensor x, torch::Tensor w, torch::Tensor order, tor
   check(w, torch::kFloat, 3, "w");
   const int64_t E = w.size(0), R = w.size(1), D = w.size(2);
   TORCH_CHECK(x.size(1) == D, "x has ", x.size(1), " features, w rows ", D);
-  check_runs(order, token, offsets, E);
+  check_runs(order, token, offsets, E, x.size(0));
   auto h = torch::empty({order.size(0), R}, x.options());
   const float *xs = x.data_ptr<float>(), *ws = w.data_ptr<float>();
   const int64_t *os = order.data_ptr<int64_t>(), *ts = token.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>();
@@ -156,11 +170,11 @@ torch::Tensor expand(torch::Tensor h, torch::Tensor w, torch::Tensor experts, to
   check(h, torch::kFloat, 2, "h");
   check(w, torch::kFloat, 3, "w");
   check(experts, torch::kLong, 1, "experts");
-  check(row_offsets, torch::kLong, 1, "row_offsets");
   const int64_t T = row_offsets.size(0) - 1, R = w.size(1), D = w.size(2);
-  TORCH_CHECK(h.size(0) == experts.size(0) && h.size(1) == R && row_offsets[T].item<int64_t>() == h.size(0),
-              "h [P, R = ", R, "], experts [P] and row_offsets ending at P do not match: ", h.sizes(), ", ",
-              experts.sizes(), ", ", row_offsets.sizes());
+  TORCH_CHECK(h.size(0) == experts.size(0) && h.size(1) == R, "h [P, R = ", R, "] and experts [P] do not match: ",
+              h.sizes(), ", ", experts.sizes());
+  check_offsets(row_offsets, T, h.size(0), "row_offsets");
+  check_range(experts, w.size(0), "experts");
   auto out = torch::empty({T, D}, h.options());
   const float *hs = h.data_ptr<float>(), *ws = w.data_ptr<float>();
   const int64_t *es = experts.data_ptr<int64_t>(), *ro = row_offsets.data_ptr<int64_t>();
@@ -176,7 +190,7 @@ torch::Tensor outer(torch::Tensor h, torch::Tensor x, torch::Tensor order, torch
   check(h, torch::kFloat, 2, "h");
   check(x, torch::kFloat, 2, "x");
   const int64_t E = offsets.size(0) - 1, R = h.size(1), D = x.size(1);
-  check_runs(order, token, offsets, E);
+  check_runs(order, token, offsets, E, x.size(0));
   TORCH_CHECK(h.size(0) == order.size(0), "h has ", h.size(0), " pairs, order ", order.size(0));
   auto g = torch::empty({E, R, D}, x.options());
   const float *hs = h.data_ptr<float>(), *xs = x.data_ptr<float>();

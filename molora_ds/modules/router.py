@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from molora_ds.modules import sparse
+
 
 def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax in (at least) fp32, keep the k largest, renormalise them to sum 1, zero the rest.
@@ -77,8 +79,6 @@ class SelectedLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_selected: torch.Tensor):  # type: ignore[override]
-        from molora_ds.modules import sparse
-
         x, weight, indices = ctx.saved_tensors
         (tokens, num_experts), dtype = (x.shape[0], weight.shape[0]), d_selected.dtype
         with torch.autocast(x.device.type, enabled=False):

@@ -16,13 +16,13 @@ kernels (``PairPlan``: project is an SDDMM, expand an SpMM, outer an SpMM with t
 path for fp64, CUDA without ``grouped_fits`` and machines where the kernels cannot be built. The first
 version grouped tokens by expert into padded bmm blocks, copied every pair's ``in + out`` elements and ran
 slower than dense at E=256, top-8 on CPU; the CSR kernels reached 3.1-3.5x faster than dense; our kernels
-(and the router's sparse backward, ``router.SelectedLogits``) over 5x (bench/README.md).
+(and the router's sparse backward, ``router.SelectedLogits``) 4.1-5.4x in three runs (bench/README.md).
 
 Same contract as the dense path (DESIGN.md section 1), gate rescale included: the backward weights
 expert i's gradients to x, A and B by ``w = sqrt(g_i)`` with ``rescale`` (else ``g_i``), and the
 gate gradient is ``s * <dy, B_i A_i x>`` in both modes. No atomics: every output element is one sum
-in a fixed order in both implementations (run-to-run and thread-count identical on CPU,
-tests/unit/test_sparse.py), so resume stays bit-exact. Half-precision inputs are computed in fp32 and
+in a fixed order in both implementations (run-to-run identical on CPU; our kernels also on any thread
+count, tests/unit/test_sparse.py), so resume stays bit-exact. Half-precision inputs are computed in fp32 and
 the results cast back (one rounding fewer than a bf16 kernel). On CUDA, where ``grouped_fits``, the pairs
 go through ``torch.nn.functional.grouped_mm`` instead (``grouped_lora_experts``).
 """

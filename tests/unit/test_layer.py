@@ -369,7 +369,8 @@ def test_top_k_larger_than_num_experts_raises():
 @pytest.mark.parametrize("need_probs", [True, False])
 def test_router_returns_renormalised_top_k(need_probs):
     """Values and gradients against the reference, fp64: with probabilities (autograd through the full
-    softmax) and without (the sparse backward through the k selected logits only; CSR-free fallback)."""
+    softmax) and without (the sparse backward through the k selected logits only: in fp64, its dense
+    scatter-and-GEMM fallback)."""
     torch.manual_seed(0)
     router = Router(IN, 6, top_k=2).double()
     x = torch.randn(9, IN, dtype=torch.float64, requires_grad=True)
@@ -392,7 +393,8 @@ def test_router_returns_renormalised_top_k(need_probs):
 def test_sparse_router_backward_fp32_kernels_within_rounding(top_k):
     """fp32 on CPU takes our pair kernels (r = 1) for the sparse router backward; against the fp64
     reference, each gradient element is one fp32 sum of at most k (dx) or T (dW) products, each of
-    d_logit (a few roundings off) and an exact fp32 input: within (T + 8) u of the sum of |terms|."""
+    d_logit (E + k + 8 roundings off) and an exact fp32 input: within (E + k + 8 + k) u (dx) or
+    (E + k + 8 + T) u (dW) of the sum of |terms|, to first order."""
     torch.manual_seed(0)
     tokens, experts = 50, 16
     router = Router(IN, experts, top_k=top_k)
