@@ -9,7 +9,12 @@ from torch import nn
 
 from molora_ds.modules.experts import mixture_of_lora_experts
 from molora_ds.modules.router import Router, switch_balance_loss
-from molora_ds.modules.sparse import sparse_mixture_of_lora_experts, use_sparse
+from molora_ds.modules.sparse import (
+    routed_fits,
+    routed_lora_experts,
+    sparse_mixture_of_lora_experts,
+    use_sparse,
+)
 
 EXPERT_COMPUTE = ("auto", "dense", "sparse")
 
@@ -86,17 +91,29 @@ class MoLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         tokens = x.reshape(-1, x.shape[-1])
-        gates, probs = self.router(tokens, need_probs=self.load_balance_coef > 0)
         dropped = self.dropout(tokens).to(self.lora_A.dtype)
         lora_a, lora_b = self.lora_A, self.lora_B
-        if self.dispatch:
-            delta = self.expert_group.dispatch(
-                dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
+        if self.expert_group is not None and not self.dispatch:
+            lora_a, lora_b = self.expert_group.gather(lora_a), self.expert_group.gather(lora_b)
+        if self.sparse and not self.dispatch and not self.load_balance_coef and routed_fits(tokens):
+            delta, experts = routed_lora_experts(
+                tokens,
+                dropped,
+                self.router.weight,
+                lora_a,
+                lora_b,
+                self.top_k,
+                self.scaling,
+                self.gate_rescale,
             )
+            slots = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
         else:
-            if self.expert_group is not None:
-                lora_a, lora_b = self.expert_group.gather(lora_a), self.expert_group.gather(lora_b)
-            if self.sparse:
+            gates, probs = self.router(tokens, need_probs=self.load_balance_coef > 0)
+            if self.dispatch:
+                delta = self.expert_group.dispatch(
+                    dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
+                )
+            elif self.sparse:
                 delta = sparse_mixture_of_lora_experts(
                     dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
                 )
@@ -104,12 +121,10 @@ class MoLoRALinear(nn.Module):
                 delta = mixture_of_lora_experts(
                     dropped, lora_a, lora_b, gates, self.scaling, self.gate_rescale
                 )
-        training = torch.is_grad_enabled()  # evaluation forwards are not training load
-        with torch.no_grad():
-            slots = (gates > 0).sum(0)
-            self.expert_load = slots.float() / (gates.shape[0] * self.top_k)
-            if training:
-                self.routed_slots = slots if self.routed_slots is None else self.routed_slots + slots
+            slots = (gates.detach() > 0).sum(0)
+        self.expert_load = slots.float() / (tokens.shape[0] * self.top_k)
+        if torch.is_grad_enabled():  # evaluation forwards are not training load
+            self.routed_slots = slots if self.routed_slots is None else self.routed_slots + slots
         self.aux_loss = (
             self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
         )

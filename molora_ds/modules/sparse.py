@@ -179,6 +179,84 @@ class SparseMixtureOfLoRAExperts(torch.autograd.Function):
             return dx, da, db, d_gates, None, None, None
 
 
+class RoutedLoRAExperts(torch.autograd.Function):
+    """``SparseMixtureOfLoRAExperts`` on our CPU kernels with the router inside: the gates are the softmax of
+    the k selected ``logits [T, k]`` (given, computed without grad), and the backward computes the router's
+    gradient beside the experts' (``router.SelectedLogits``'s math: ``d logits = g (d g - sum g d g)``).
+    Where router and experts see the same x (no dropout), the router's weight rides as an (r+1)-th row of
+    every expert: one ``outer`` pass over x gives dA and the router's dW, one ``expand`` both terms of dx
+    (separately these passes, memory-bound, cost as much as the experts' own at r = 4).
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_router, weight, lora_a, lora_b, logits, runs, scaling: float, rescale: bool):  # type: ignore[override]
+        gates = logits.softmax(-1).reshape(-1)
+        b_rows = lora_b.transpose(1, 2).contiguous()  # [E, r, out]
+        h = runs.project(x, lora_a)
+        y = runs.expand(h * (gates * scaling).unsqueeze(-1), b_rows)
+        ctx.save_for_backward(x, x_router, weight, lora_a, b_rows, gates, h)
+        ctx.runs, ctx.scaling, ctx.rescale, ctx.shared = runs, scaling, rescale, x_router is x
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, x_router, weight, lora_a, b_rows, gates, h = ctx.saved_tensors
+        runs, s, rank = ctx.runs, ctx.scaling, lora_a.shape[1]
+        dy = dy.contiguous()
+        u = runs.project(dy, b_rows).mul_(s)  # d loss / d (h * g)
+        g, d_g = gates.view(x.shape[0], -1), (u * h).sum(-1).view(x.shape[0], -1)
+        d_logits = (g * (d_g - (g * d_g).sum(-1, keepdim=True))).reshape(-1, 1)
+        w = (gates.sqrt() if ctx.rescale else gates).unsqueeze(-1)
+        db = runs.outer(h * (w * s), dy).transpose(1, 2)
+        dh = u.mul_(w)
+        need_dx, need_dx_router = ctx.needs_input_grad[:2]
+        if ctx.shared:
+            d_pairs = torch.cat([dh, d_logits], -1)
+            dx = runs.expand(d_pairs, torch.cat([lora_a, weight.unsqueeze(1)], 1)) if need_dx else None
+            dw = runs.outer(d_pairs, x)
+            return dx, None, dw[:, rank], dw[:, :rank], db, None, None, None, None
+        dx = runs.expand(dh, lora_a) if need_dx else None
+        dx_router = runs.expand(d_logits, weight.unsqueeze(1)) if need_dx_router else None
+        da, dw = runs.outer(dh, x), runs.outer(d_logits, x_router).squeeze(1)
+        return dx, dx_router, dw, da, db, None, None, None, None
+
+
+def routed_fits(x: torch.Tensor) -> bool:
+    """Whether ``routed_lora_experts`` takes ``x``: on CPU with our kernels built, any dtype but fp64 (the CSR
+    path's, for exact references)."""
+    return x.device.type == "cpu" and x.dtype != torch.float64 and cpu_kernels.kernels("pairs") is not None
+
+
+def routed_lora_experts(
+    x: torch.Tensor,
+    dropped: torch.Tensor,
+    router_weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    top_k: int,
+    scaling: float,
+    rescale: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse layer's adapter, router included, where ``routed_fits``: ``(y [T, out] fp32, experts [T, k])``.
+    The router reads ``x`` (at least fp32, as ``router.sparse_top_k_gates``), the experts ``dropped`` (cast as
+    ``selected_lora_experts`` casts); all of it computed in fp32 (``RoutedLoRAExperts``)."""
+    device = x.device.type
+    x_router, weight = x.float(), router_weight.float()
+    if torch.is_autocast_enabled(device):  # as in the dense path: the experts' operands in autocast's dtype
+        dtype = torch.get_autocast_dtype(device)
+        dropped, lora_a, lora_b = dropped.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+    dropped, lora_a, lora_b = dropped.float().contiguous(), lora_a.float().contiguous(), lora_b.float()
+    with torch.no_grad(), torch.autocast(device, enabled=False):
+        logits, experts = (x_router @ weight.T).topk(top_k, dim=-1)
+    tokens = x.shape[0]
+    runs = expert_runs(
+        torch.arange(tokens).repeat_interleave(top_k), experts.reshape(-1), tokens, lora_a.shape[0]
+    )
+    with torch.autocast(device, enabled=False):
+        y = RoutedLoRAExperts.apply(dropped, x_router, weight, lora_a, lora_b, logits, runs, scaling, rescale)
+    return y.to(x.dtype), experts
+
+
 def sparse_mixture_of_lora_experts(
     x: torch.Tensor,
     lora_a: torch.Tensor,

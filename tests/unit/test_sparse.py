@@ -14,6 +14,8 @@ from molora_ds.modules.sparse import (
     grouped_lora_experts,
     kernels_fit,
     plan_pairs,
+    routed_fits,
+    routed_lora_experts,
     selected_lora_experts,
     use_sparse,
 )
@@ -249,3 +251,91 @@ def test_cpu_kernels_token_result_independent_of_the_batch():
             x[part], a, b, selected[part].reshape(-1), sub_rows, experts[part].reshape(-1), 2.0, True
         )
         assert torch.equal(got, full[part])
+
+
+def _routed_reference(x, x_router, weight, a, b, experts, dy, scaling, rescale, absolute):
+    """``routed_lora_experts``' results written out in fp64 over the given selection, gathers and einsums:
+    ``(y, dx, dx_router, dW, dA, dB)``. With ``absolute``, every product and sum runs over absolute values
+    and every difference becomes a sum (``g (|d_g| + sum g |d_g|)``): what rounding errors scale with."""
+    f = (lambda t: t.abs()) if absolute else (lambda t: t)
+    x, x_router, weight, a, b, dy = (f(t.double()) for t in (x, x_router, weight, a, b, dy))
+    logits = torch.einsum("ti,tki->tk", x_router, weight[experts])  # exact: dyadic inputs
+    g = logits.softmax(-1)
+    h = torch.einsum("tkri,ti->tkr", f(a[experts]), x)
+    y = scaling * torch.einsum("tk,tkr,tkor->to", g, h, b[experts])
+    u = scaling * torch.einsum("to,tkor->tkr", dy, b[experts])
+    d_g = (u * h).sum(-1)
+    d_logits = g * (
+        d_g + (g * d_g).sum(-1, keepdim=True) if absolute else d_g - (g * d_g).sum(-1, keepdim=True)
+    )
+    w = g.sqrt() if rescale else g
+    dh = u * w.unsqueeze(-1)
+    dx = torch.einsum("tkr,tkri->ti", dh, a[experts])
+    dx_router = torch.einsum("tk,tki->ti", d_logits, weight[experts])
+    da = torch.zeros_like(a).index_put_((experts,), torch.einsum("tkr,ti->tkri", dh, x), accumulate=True)
+    dw = torch.zeros_like(weight).index_put_(
+        (experts,), torch.einsum("tk,ti->tki", d_logits, x_router), accumulate=True
+    )
+    hw = scaling * h * w.unsqueeze(-1)
+    db = torch.zeros_like(b).index_put_((experts,), torch.einsum("tkr,to->tkor", hw, dy), accumulate=True)
+    return y, dx, dx_router, dw, da, db
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_routed_path_within_the_fp32_bound(shape, rescale, shared):
+    """The fused router-and-experts Function (``routed_lora_experts``, fp32 on our CPU kernels; the router's
+    weight an (r+1)-th expert row when router and experts read the same x, else its own passes) against the
+    same math in fp64 (``_routed_reference``) over the selection it made, which must be the top k in fp64
+    too. Inputs are dyadic, so the logits are exact in fp32; then every result is a chain of roundings: the
+    softmax and its backward (3k + 7, test_layer.py's router test), the products' sums (in, out, r k, up to T
+    tokens) and a few elementwise ones. So each element is off by at most n u, n = in + out + r k + T + 4k +
+    10, times the reference over absolute values; 2x for second-order terms."""
+    num_experts, rank, top_k, tokens = shape
+    torch.manual_seed(4)
+    dyadic = lambda *size, d: torch.randint(-8, 9, size) / d  # noqa: E731
+    x, weight = dyadic(tokens, IN, d=8), dyadic(num_experts, IN, d=64)
+    x_experts = x if shared else dyadic(tokens, IN, d=8)
+    a, b, dy = (
+        torch.randn(num_experts, rank, IN),
+        torch.randn(num_experts, OUT, rank),
+        torch.randn(tokens, OUT),
+    )
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, a, b)]
+    x_in = leaves[0] if shared else x_experts.clone().requires_grad_(True)
+    y, experts = routed_lora_experts(leaves[0], x_in, *leaves[1:], top_k, 2.0, rescale)
+    y.backward(dy)
+    dx = leaves[0].grad if shared else x_in.grad  # shared: both terms in one gradient
+    dx_router = torch.zeros_like(dx) if shared else leaves[0].grad
+    got = [y, dx, dx_router, leaves[1].grad, leaves[2].grad, leaves[3].grad]
+    logits = x.double() @ weight.double().T
+    chosen = logits.gather(-1, experts)
+    assert (chosen.min(-1, keepdim=True).values >= logits.scatter(-1, experts, -torch.inf)).all(), "not top k"
+    args = (x_experts, x, weight, a, b, experts, dy, 2.0, rescale)
+    want = list(_routed_reference(*args, absolute=False))
+    bound = list(_routed_reference(*args, absolute=True))
+    if shared:
+        want[1], want[2] = want[1] + want[2], torch.zeros_like(want[2])
+        bound[1], bound[2] = bound[1] + bound[2], torch.zeros_like(bound[2])
+    n, u = IN + OUT + rank * top_k + tokens + 4 * top_k + 10, 2.0**-24
+    names = ("y", "dx", "dx_router", "router dW", "dA", "dB")
+    for name, g, w, m in zip(names, got, want, bound):
+        if name in ("dx_router", "router dW") and (top_k == 1 or shared and name == "dx_router"):
+            assert not g.any(), f"{name}: a renormalised top-1 gate is 1 whatever the logits"
+            continue
+        assert w.abs().max() > 0, f"{name}: zero reference, the test would not bite"
+        ratio = ((g.double() - w).abs() / (n * u * m).clamp_min(1e-300)).max()
+        assert ratio <= 2, f"{name}: off by {ratio:.2f} n u of the absolute sums"
+
+
+def test_routed_path_counts_the_same_load():
+    """The layer's load statistics from the fused path (fp32 on CPU: the selection's counts) equal the dense
+    path's (the gates' non-zeros): the same fp32 logits, so the same selection."""
+    dense, sparse = make_pair(16, 2, 3, rescale=True, dtype=torch.float32)
+    x, dy = _inputs(64, dtype=torch.float32)
+    for layer in (dense, sparse):
+        run(layer, x, dy)
+    assert sparse.sparse and routed_fits(x)
+    assert torch.equal(sparse.expert_load, dense.expert_load)
+    assert torch.equal(sparse.pop_routed_slots(), dense.pop_routed_slots())
