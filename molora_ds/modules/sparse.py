@@ -16,7 +16,8 @@ kernels (``PairPlan``: project is an SDDMM, expand an SpMM, outer an SpMM with t
 path for fp64, CUDA without ``grouped_fits`` and machines where the kernels cannot be built. The first
 version grouped tokens by expert into padded bmm blocks, copied every pair's ``in + out`` elements and ran
 slower than dense at E=256, top-8 on CPU; the CSR kernels reached 3.1-3.5x faster than dense; our kernels
-(and the router's sparse backward, ``router.SelectedLogits``) 4.1-5.4x in three runs (bench/README.md).
+(and the router's sparse backward, ``router.SelectedLogits``) 4.1-5.4x in three runs; with router and experts
+in one Function (``RoutedLoRAExperts``: one pass over x for dA and the router's dW) 6.5-7.2x (bench/README.md).
 
 Same contract as the dense path (DESIGN.md section 1), gate rescale included: the backward weights
 expert i's gradients to x, A and B by ``w = sqrt(g_i)`` with ``rescale`` (else ``g_i``), and the
@@ -343,11 +344,12 @@ def grouped_lora_experts(
 
 
 # Sparse wins when E > SPARSE_FACTOR * k: the dense path does E*r multiply-adds per token and
-# (in + out) element at full GEMM speed, the sparse one k*r at the memory-bound speed of the CSR
-# kernels (several times slower per multiply-add). CPU: bench/bench_experts.py on this machine
-# (bench/README.md) has sparse ahead at E/k = 8 and 10 and behind at E/k = 2.5, so the factor sits
-# between 2.5 and 8. CUDA: not measured (no GPU so far); the same rule until it is.
-SPARSE_FACTOR = {"cpu": 4.0, "cuda": 4.0}
+# (in + out) element at full GEMM speed, the sparse one k*r at the memory-bound speed of the pair
+# kernels (slower per multiply-add). CPU, our kernels with the fused router (bench/README.md, one thread):
+# sparse 1.4-1.6x ahead at E/k = 3 and 4, level within the noise (0.8-1.5x) at E/k = 1.6-2.5, so the factor
+# is 2.5 (at 4, auto kept dense at E=32, top-8 for layers 1.07-1.09x slower). CUDA: not measured (no GPU so
+# far); the CSR kernels' factor (4) until it is.
+SPARSE_FACTOR = {"cpu": 2.5, "cuda": 4.0}
 
 
 def use_sparse(num_experts: int, top_k: int, device: torch.device) -> bool:
