@@ -5,15 +5,17 @@
 
 Cost model (``molora_ds.distributed.expert_parallel.dispatch_wins``), per layer and rank, in elements moved
 (forward + backward), with ``ep`` ranks in the EP group:
-- weight gather: all-gather the E/ep shards of A and B, then reduce their gradients:
-  ``2 * (ep-1)/ep * E*r*(in+out)`` (on gloo the reduction is an all-reduce, which ExpertGroup uses:
-  twice the reduce-scatter's volume, so ``3 * ...`` there);
+- weight gather: all-gather the E/ep shards of A and B, again in the backward (the adapter is recomputed
+  there), then reduce their gradients: ``3 * (ep-1)/ep * E*r*(in+out)`` (on gloo the reduction is an
+  all-reduce, which ExpertGroup uses: twice the reduce-scatter's volume, so ``4 * ...`` there);
 - token dispatch: all-to-all a token's x row once to each rank that holds any of its experts (at most
   ``min(k, ep)``) and the summed y row back, and dy, dx the same way in the backward:
   ``2 * (ep-1)/ep * T*min(k, ep)*(in+out)``.
-So dispatch moves less only when ``T*min(k, ep) < E*r`` (on gloo ``1.5*E*r``): the crossover is at
-``T* = E*r/min(k, ep)`` tokens per rank (512 at E=256, r=4, k=8, ep=2; 768 on gloo). Until 2026-12-02 a
-row went once per (token, expert) pair, ``T*k`` rows: T* was 128 (192 on gloo), measured between 128 and 192.
+So dispatch moves less only when ``T*min(k, ep) < 1.5*E*r`` (on gloo ``2*E*r``): the crossover is at
+``T* = 1.5*E*r/min(k, ep)`` tokens per rank (768 at E=256, r=4, k=8, ep=2; 1024 on gloo). Until 2026-12-02
+weight gather kept the gathered experts from forward to backward (one all-gather: T* 512, 768 on gloo,
+measured between 512 and 768); before that a row went once per (token, expert) pair, ``T*k`` rows: T* was
+128 (192 on gloo), measured between 128 and 192.
 
 Measured, per T (tokens per rank, different on each rank): ``comm``, the collectives alone on the model's
 volumes (``all_gather`` + ``all_reduce`` exactly as ExpertGroup does them; ``all_to_all_single`` of
@@ -51,8 +53,9 @@ def _gather_comm(a, b):
     import torch.distributed as dist
 
     for shard in (a, b):
-        parts = [torch.empty_like(shard) for _ in range(EP)]
-        dist.all_gather(parts, shard)
+        for _ in range(2):  # the forward's and the backward's recomputation
+            parts = [torch.empty_like(shard) for _ in range(EP)]
+            dist.all_gather(parts, shard)
         grad = torch.cat(parts)
         dist.all_reduce(grad)
 
@@ -143,7 +146,7 @@ def worker() -> None:
                     times[name].append((time.perf_counter() - t0) * 1e3)
         share = (EP - 1) / EP
         med = {name: statistics.median(t) for name, t in times.items()}
-        rows.append((tokens, 3 * share * E * R * 2 * FEATURES, 2 * share * sent * 2 * FEATURES, med))
+        rows.append((tokens, 4 * share * E * R * 2 * FEATURES, 2 * share * sent * 2 * FEATURES, med))
     if dist.get_rank() == 0:
         _report(rows, dispatch_wins)
     dist.destroy_process_group()
@@ -152,8 +155,8 @@ def worker() -> None:
 def _report(rows, dispatch_wins) -> None:
     print(
         f"E={E}, r={R}, top-{K}, in=out={FEATURES}, EP={EP}, fp32, gloo, 1 thread per rank, {REPEATS} rounds; "
-        f"predicted crossover T* = 1.5*E*r/min(k, ep) = {3 * E * R // (2 * min(K, EP))} (gloo's all-reduce; "
-        f"E*r/min(k, ep) = {E * R // min(K, EP)} with a reduce-scatter)"
+        f"predicted crossover T* = 2*E*r/min(k, ep) = {2 * E * R // min(K, EP)} (gloo's all-reduce; "
+        f"1.5*E*r/min(k, ep) = {3 * E * R // (2 * min(K, EP))} with a reduce-scatter)"
     )
     print(
         f"{'T/rank':>6} | {'gather M elem':>13} {'dispatch M elem':>15} {'pred':>8} | {'comm ms gather':>14} "

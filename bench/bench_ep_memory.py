@@ -12,8 +12,8 @@ One torchrun launch (2 processes, gloo); for each ZeRO stage and EP size a ``Tra
   under ZeRO-1/2 the expert group's fp32 partition and the base optimizer's state of it (gRAdamW moments);
 - ``gathered``: what weight gather materialises per layer (the largest) during the forward and backward,
   the whole layer's ``E*r*(in+out)`` fp32 weights (and as much gradient before the reduce-scatter), by
-  formula, not measured. The forward saves the gathered weights for the backward, so between the two every
-  layer's full copy is alive: transient memory of the unsharded size.
+  formula, not measured. The backward recomputes the layer's adapter (gather included), so one layer's copy is
+  alive at a time (before stop 18 the forward saved them: every layer's, the unsharded size, until its backward).
 The table shows the larger of the two ranks and the ratio EP=2 / EP=1 (target for weights + grads: 0.55).
 """
 

@@ -19,8 +19,9 @@ class MoLoRAConfig:
     ``auto`` picks by the cost rule of ``molora_ds.modules.sparse.use_sparse``).
     ``expert_parallel_size``: shard each layer's experts over this many ranks (DeepSpeed's expert-parallel
     groups, ``molora_ds.distributed.expert_parallel``); it must divide every expert count.
-    ``expert_parallel_mode``: ``auto`` | ``gather`` (all-gather the layer's experts, reduce-scatter their
-    gradients) | ``dispatch`` (all-to-all the selected (token, expert) pairs to the experts' ranks and back);
+    ``expert_parallel_mode``: ``auto`` | ``gather`` (all-gather the layer's experts, in the forward and again in
+    the backward's recomputation, reduce-scatter their gradients) | ``dispatch`` (all-to-all the selected
+    (token, expert) pairs to the experts' ranks and back);
     ``auto`` picks per layer by the cost model of ``expert_parallel.dispatch_wins``.
     """
 

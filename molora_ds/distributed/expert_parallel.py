@@ -4,7 +4,8 @@ With ``expert_parallel_size = ep``, each layer's E experts are split into ep sha
 expert dimension; rank ``i`` of an expert-parallel (EP) group stores shard ``i`` and keeps its optimizer
 state. Each layer computes with them one of two ways (``MoLoRAConfig.expert_parallel_mode``):
 - weight gather (``ExpertGroup.gather``): the forward all-gathers the layer's shards inside the EP group,
-  the backward reduce-scatters their gradients, summed;
+  the backward all-gathers them again (``MoLoRALinear`` recomputes the adapter there, so no layer holds the
+  whole experts between its forward and its backward) and reduce-scatters their gradients, summed;
 - token dispatch (``ExpertGroup.dispatch``, ``token_dispatch.py``): each selected (token, expert) pair
   travels to the expert's rank and its result back (all-to-all), and the local experts' gradients are the
   sum over every rank's pairs.
@@ -44,14 +45,14 @@ def dispatch_wins(
     """The ``expert_parallel_mode="auto"`` rule: token dispatch iff it moves fewer elements than weight gather.
 
     Per layer and rank, forward + backward, each volume times ``(ep-1)/ep`` (the share bound for other
-    ranks): weight gather all-gathers ``E*r*(in+out)`` weights and reduce-scatters as many gradients,
-    ``2*E*r*(in+out)`` (``3*...`` where the reduction is an all-reduce, as on gloo); token dispatch sends
-    a token's x row once to each of the at most ``min(k, ep)`` ranks that hold its experts and a summed y
-    row back, and dy, dx the same way, ``2*T*min(k, ep)*(in+out)``. So dispatch wins below
-    ``T* = E*r/min(k, ep)`` tokens per rank (``1.5*...`` on gloo): bench/bench_ep_comm.py measures both
-    ways beside this prediction.
+    ranks): weight gather all-gathers ``E*r*(in+out)`` weights twice (forward, and the backward's
+    recomputation) and reduce-scatters as many gradients, ``3*E*r*(in+out)`` (``4*...`` where the reduction
+    is an all-reduce, as on gloo); token dispatch sends a token's x row once to each of the at most
+    ``min(k, ep)`` ranks that hold its experts and a summed y row back, and dy, dx the same way,
+    ``2*T*min(k, ep)*(in+out)``. So dispatch wins below ``T* = 1.5*E*r/min(k, ep)`` tokens per rank
+    (``2*...`` on gloo): bench/bench_ep_comm.py measures both ways beside this prediction.
     """
-    return 2 * tokens * min(top_k, ep) < (2 if reduce_scatter else 3) * num_experts * rank
+    return 2 * tokens * min(top_k, ep) < (3 if reduce_scatter else 4) * num_experts * rank
 
 
 def group_name(size: int) -> str:

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from molora_ds.modules.experts import mixture_of_lora_experts
 from molora_ds.modules.router import Router, switch_balance_loss
@@ -92,10 +93,33 @@ class MoLoRALinear(nn.Module):
         y = self.base_layer(x)
         tokens = x.reshape(-1, x.shape[-1])
         dropped = self.dropout(tokens).to(self.lora_A.dtype)
-        lora_a, lora_b = self.lora_A, self.lora_B
-        if self.expert_group is not None and not self.dispatch:
+        if self.expert_group is not None and not self.dispatch and torch.is_grad_enabled():
+            # Weight gather, recomputed in the backward (gather included): a layer's gathered experts live
+            # while it runs, not from its forward to its backward, when every layer's would (the unsharded size).
+            delta, slots, gates, probs = checkpoint(self._adapter, tokens, dropped, use_reentrant=False)
+        else:
+            delta, slots, gates, probs = self._adapter(tokens, dropped)
+        self.expert_load = slots.float() / (tokens.shape[0] * self.top_k)
+        if torch.is_grad_enabled():  # evaluation forwards are not training load
+            self.routed_slots = slots if self.routed_slots is None else self.routed_slots + slots
+        self.aux_loss = (
+            self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
+        )
+        return y.add_(delta.reshape(y.shape).to(y.dtype))  # in place: the base's backward does not need y
+
+    def _adapter(self, tokens: torch.Tensor, dropped: torch.Tensor):
+        """``(delta, slots per expert, gates, probs)``; gates and probs are None on the fused sparse path (no
+        balance loss: the router runs inside ``sparse.routed_lora_experts``), probs without a balance loss."""
+        lora_a, lora_b, coef = self.lora_A, self.lora_B, self.load_balance_coef
+        if self.dispatch:
+            gates, probs = self.router(tokens, need_probs=coef > 0)
+            delta = self.expert_group.dispatch(
+                dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
+            )
+            return delta, (gates.detach() > 0).sum(0), gates, probs
+        if self.expert_group is not None:
             lora_a, lora_b = self.expert_group.gather(lora_a), self.expert_group.gather(lora_b)
-        if self.sparse and not self.dispatch and not self.load_balance_coef and routed_fits(tokens):
+        if self.sparse and not coef and routed_fits(tokens):
             delta, experts = routed_lora_experts(
                 tokens,
                 dropped,
@@ -106,29 +130,15 @@ class MoLoRALinear(nn.Module):
                 self.scaling,
                 self.gate_rescale,
             )
-            slots = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+            return delta, torch.bincount(experts.reshape(-1), minlength=self.num_experts), None, None
+        gates, probs = self.router(tokens, need_probs=coef > 0)
+        if self.sparse:
+            delta = sparse_mixture_of_lora_experts(
+                dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
+            )
         else:
-            gates, probs = self.router(tokens, need_probs=self.load_balance_coef > 0)
-            if self.dispatch:
-                delta = self.expert_group.dispatch(
-                    dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
-                )
-            elif self.sparse:
-                delta = sparse_mixture_of_lora_experts(
-                    dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
-                )
-            else:
-                delta = mixture_of_lora_experts(
-                    dropped, lora_a, lora_b, gates, self.scaling, self.gate_rescale
-                )
-            slots = (gates.detach() > 0).sum(0)
-        self.expert_load = slots.float() / (tokens.shape[0] * self.top_k)
-        if torch.is_grad_enabled():  # evaluation forwards are not training load
-            self.routed_slots = slots if self.routed_slots is None else self.routed_slots + slots
-        self.aux_loss = (
-            self.load_balance_coef * switch_balance_loss(gates, probs) if self.load_balance_coef else None
-        )
-        return y.add_(delta.reshape(y.shape).to(y.dtype))  # in place: the base's backward does not need y
+            delta = mixture_of_lora_experts(dropped, lora_a, lora_b, gates, self.scaling, self.gate_rescale)
+        return delta, (gates.detach() > 0).sum(0), gates, probs
 
     def shard_experts(self, expert_group, dispatch: bool = False) -> None:
         """Keep only this rank's experts (``expert_group.shard``); the forward gathers the others' or, with

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 
 from launch.train import main as train_main
 from molora_ds.inject import ADAPTER_WEIGHTS
+from tests.distributed.ep_layer_worker import IN, OUT, TOKENS
 
 pytestmark = pytest.mark.distributed
 
@@ -151,24 +152,37 @@ def layer_results(tmp_path_factory) -> dict:
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("way", ["dense", "sparse", "dispatch", "dispatch_bf16"])
+@pytest.mark.parametrize("way", ["dense", "sparse", "sparse_fp32", "dispatch", "dispatch_bf16"])
 def test_rank_without_tokens(layer_results, way):
     """Rank 1's experts get no token; the layer neither hangs nor differs from the unsharded one (weight
     gather with either compute path, token dispatch). Both ranks see the same tokens, so an expert's
     gradient (summed over the EP group) is twice one rank's. float64: gather computes the same sums as the
     reference, dispatch sums each token's k pairs in another order (index_add after the all-to-all).
-    bf16 autocast: test_autocast.py's norm-wise bound (5 roundings of unit roundoff 2^-8)."""
+    bf16 autocast: test_autocast.py's norm-wise bound (5 roundings of unit roundoff 2^-8). fp32 (the fused
+    router-and-experts path): the same operations on the same gathered weights, bit for bit; the summed expert
+    gradients are a + a, exactly 2a."""
     assert layer_results[way + "_load"][2:].sum() == 0
     got, want = layer_results[way], layer_results[way + "_reference"]
     for what, g, w, factor in zip(("y", "dx", "dA", "dB", "d router"), got, want, (1, 1, 2, 2, 1)):
         assert w.abs().max() > 0, what
-        if way.endswith("bf16"):
+        if way == "sparse_fp32":
+            assert torch.equal(g, factor * w), what
+        elif way.endswith("bf16"):
             rel = ((g.double() - factor * w).norm() / (factor * w).norm()).item()
             assert rel < 5 * 2.0**-8, f"{what}: {rel}"
         else:
             torch.testing.assert_close(
                 g, factor * w, rtol=1e-12, atol=1e-12, msg=lambda m, w=what: f"{w}: {m}"
             )
+
+
+@pytest.mark.parametrize("way", ["dense", "sparse", "sparse_fp32"])
+def test_weight_gather_keeps_no_gathered_experts(layer_results, way):
+    """Weight gather recomputes the layer's adapter (gather included) in the backward, so between forward and
+    backward autograd holds only the base layer's weight and the adapter's inputs (x, twice: the router's and
+    the experts'), not the E experts (the unsharded copy holds them, or copies of them, and its intermediates)."""
+    saved, saved_full = layer_results[way][-1].item(), layer_results[way + "_reference"][-1].item()
+    assert saved <= OUT * IN + 2 * TOKENS * IN < saved_full
 
 
 def test_resume_with_expert_parallelism(tmp_path):

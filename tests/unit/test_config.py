@@ -74,11 +74,11 @@ def test_expert_parallel_mode_and_its_cost_rule():
         ValueError, match="expert_parallel_mode='tokens'; choose 'auto', 'gather' or 'dispatch'"
     ):
         MoLoRAConfig(expert_parallel_mode="tokens")
-    # dispatch below T* = E*r/min(k, ep) tokens per rank, 1.5x that where the gradient reduction is an
-    # all-reduce (bench/bench_ep_comm.py: 512 and 768 at E=256, r=4, top-8, ep=2)
-    assert dispatch_wins(256, 4, 8, 511, 2) and not dispatch_wins(256, 4, 8, 512, 2)
-    assert dispatch_wins(256, 4, 8, 767, 2, reduce_scatter=False)
-    assert not dispatch_wins(256, 4, 8, 768, 2, reduce_scatter=False)
-    assert dispatch_wins(256, 4, 8, 127, 8) and not dispatch_wins(
-        256, 4, 8, 128, 8
+    # dispatch below T* = 1.5*E*r/min(k, ep) tokens per rank, 2*E*r/min(k, ep) where the gradient reduction
+    # is an all-reduce (bench/bench_ep_comm.py: 768 and 1024 at E=256, r=4, top-8, ep=2)
+    assert dispatch_wins(256, 4, 8, 767, 2) and not dispatch_wins(256, 4, 8, 768, 2)
+    assert dispatch_wins(256, 4, 8, 1023, 2, reduce_scatter=False)
+    assert not dispatch_wins(256, 4, 8, 1024, 2, reduce_scatter=False)
+    assert dispatch_wins(256, 4, 8, 191, 8) and not dispatch_wins(
+        256, 4, 8, 192, 8
     )  # ep >= k: k rows a token
