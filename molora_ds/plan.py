@@ -246,21 +246,27 @@ def memory_plan(
     """The per-rank memory of ``recipe`` under the DeepSpeed config ``ds`` on ``world`` ranks.
 
     With P_b frozen and P_t trainable (experts + routers) parameters, w = world, s = 2 (bf16) or
-    4 (fp32) bytes, and stage z:
+    4 (fp32) bytes, and stage z; with expert parallelism over ep ranks (ZeRO 0-2) each rank stores
+    P_s = routers + experts / ep, else P_s = P_t:
 
         base weights      s P_b, / w under ZeRO-3 (+ the gathered working set: the largest
                           parameter and the prefetch bucket, at most the whole model)
-        adapter weights   s P_t, / w under ZeRO-3
-        gradients         s P_t (ZeRO-0/1), s P_t / w (ZeRO-2/3)
+        adapter weights   s P_s, / w under ZeRO-3
+        gradients         s P_s (ZeRO-0/1), s P_t / w (ZeRO-2/3: the experts' E/ep partitioned over
+                          the w/ep ranks of their expert-data-parallel group, the same share)
                           + 4 P_t / w for the optimizer's flat fp32 gradient (ZeRO >= 1 or bf16)
         reduce bucket     ZeRO >= 1: reduce_bucket_size elements (5e8 by default; fp32 under ZeRO-1),
                           allocated whole whatever the model's size, two with overlap_comm under
                           ZeRO-1/2. Set reduce_bucket_size near P_t for a small adapter.
-        optimizer         AdamW: fp32 master (4 P_t, none for fp32 ZeRO-0) + 2 fp32 moments
-                          (8 P_t), / w when ZeRO >= 1 or bf16 (DeepSpeed's bf16 optimizer shards)
+        optimizer         AdamW: fp32 master (4 P_s, none for fp32 ZeRO-0) + 2 fp32 moments
+                          (8 P_s), P_t / w in place of P_s when ZeRO >= 1 or bf16 (DeepSpeed's bf16
+                          optimizer shards)
         preconditioner    per MoLoRA layer two E x r x r float64 inverses; float64 scratch copies
-                          of A and B (one per distinct shape) and one fp32 product of the largest
-        forward copies    each layer's B stacked as [out, E r] (a copy, s bytes) kept for backward
+                          of A and B (one per distinct shape) and one fp32 product of the largest;
+                          E/ep experts with expert parallelism
+        forward copies    each layer's B stacked as [out, E r] (a copy, s bytes) kept for backward; with
+                          expert parallelism each layer's local E/ep (token dispatch) and the running
+                          layer's gathered A, B and copy of B (weight gather recomputes; both counted)
         activations       ``activation_bytes``
         build peak excess how far building the model peaks above the rest (``_build_peak``)
 
@@ -274,6 +280,8 @@ def memory_plan(
     s = 2 if bf16 else 4
     p = count_params(model, _zero_option(ds, "param_persistence_threshold", 1e5) if z == 3 else 0)
     layers = list(molora_layers(model).values())
+    ep = recipe.molora.expert_parallel_size
+    stored = p.router + p.adapter / ep  # P_s: what a rank holds of the trainable parameters
 
     def shard(n: int, persistent: int = 0) -> float:
         return persistent + (n - persistent) / world
@@ -283,10 +291,10 @@ def memory_plan(
         base = s * (shard(p.base, p.persistent - p.persistent_trainable) + gathered)
         adapter = s * shard(p.trainable, p.persistent_trainable)
     else:
-        base, adapter = s * p.base, s * p.trainable
-    optimizer_shards = world if z >= 1 or bf16 else 1
-    flat32 = 4 * p.trainable / world if bf16 or z >= 1 else 0  # the optimizer's flat fp32 gradient
-    grads = s * p.trainable / (world if z >= 2 else 1) + flat32
+        base, adapter = s * p.base, s * stored
+    sharded = z >= 1 or bf16  # the optimizer's state is partitioned over the ranks
+    flat32 = 4 * p.trainable / world if sharded else 0  # the optimizer's flat fp32 gradient
+    grads = s * (p.trainable / world if z >= 2 else stored) + flat32
     bucket = 0
     if z >= 1 and ds.get("zero_optimization", {}).get("contiguous_gradients", True):
         overlap = ds.get("zero_optimization", {}).get("overlap_comm", z == 3)
@@ -297,13 +305,16 @@ def memory_plan(
     per_rank_batch = recipe.train.global_batch // world
     opt = recipe.optim
     state_per_param = (8 if opt.is_adam else 4 * (opt.momentum > 0)) + (4 if bf16 or z >= 1 else 0)
-    optimizer = state_per_param * p.trainable / optimizer_shards
+    optimizer = state_per_param * (p.trainable / world if sharded else stored)
     precond = 0
     if opt.riemannian:
         shapes = {tuple(m.lora_A.shape) for m in layers} | {tuple(m.lora_B.shape) for m in layers}
         precond = sum(2 * 8 * m.num_experts * m.rank**2 for m in layers)
         precond += 8 * sum(math.prod(shape) for shape in shapes) + 4 * max(math.prod(x) for x in shapes)
-    forward_copies = s * sum(m.lora_B.numel() for m in layers)
+        precond /= ep
+    forward_copies = s * sum(m.lora_B.numel() for m in layers) / ep
+    if ep > 1:
+        forward_copies += s * max(m.lora_A.numel() + 2 * m.lora_B.numel() for m in layers)
     acts = {ckpt: activation_bytes(model, model.config, micro, seq_len, s, ckpt) for ckpt in (False, True)}
     offload = 0
     if _offloaded(ds, "offload_optimizer") and z >= 1:

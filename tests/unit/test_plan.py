@@ -95,6 +95,37 @@ def test_zero2_and_zero3_budgets_by_hand():
     assert z2.deepspeed_estimate_bytes > 1.9 * (parts["total"] - parts["activations"])
 
 
+def test_expert_parallel_budgets_by_hand():
+    """EP=2 (E=20: 10 experts per rank): each rank stores the routers and half the experts; ZeRO-2 partitions
+    gradients and optimizer state as without EP (E/ep experts over w/ep ranks: the same share); the
+    preconditioner's inverses and scratch halve; weight gather's running layer adds its gathered A, B and B copy."""
+    recipe = load_recipe(GLM_RECIPE, ["molora.expert_parallel_size=2"])
+    zero = {"reduce_bucket_size": 1000, "contiguous_gradients": True}
+    model = meta_model(model_config("glm-4-9b"))
+    apply_molora(model, recipe.molora)
+    p = count_params(model, persistence_threshold=0)
+    layers = list(molora_layers(model).values())
+    w, stored = 8, p.router + p.adapter / 2
+    z2 = memory_plan(
+        recipe, {"zero_optimization": {"stage": 2} | zero}, w, 10, 256, True, 80 * GIB, model=model
+    )
+    parts = z2.per_gpu_bytes
+    assert parts["adapter_weights"] == int(2 * stored)
+    assert parts["gradients"] == int(2 * p.trainable / w + 4 * p.trainable / w)
+    assert parts["optimizer_state"] == int(12 * p.trainable / w)
+    e, r = 20, 4
+    inverses = 40 * 3 * 2 * 8 * e * r * r
+    scratch = 8 * e * r * (4096 + 4096 + 256)
+    assert parts["preconditioner"] == int((inverses + scratch + 4 * e * r * 4096) / 2)
+    b_copies = 2 * sum(m.lora_B.numel() for m in layers) / 2
+    q = e * r * 4096  # q_proj: A [E, r, 4096] and B [E, 4096, r], the largest layer
+    assert parts["adapter_forward_copies"] == int(b_copies + 2 * (q + 2 * q))
+    z0 = memory_plan(recipe, {"zero_optimization": {"stage": 0}}, w, 10, 256, False, 80 * GIB, model=model)
+    parts = z0.per_gpu_bytes  # fp32 ZeRO-0: nothing partitioned, the weights are the AdamW master
+    assert parts["adapter_weights"] == parts["gradients"] == int(4 * stored)
+    assert parts["optimizer_state"] == int(8 * stored)
+
+
 def test_host_memory_per_node_by_hand():
     """Host bytes per node: ZeRO-2 with offload_optimizer holds the offloaded state and DeepSpeed's
     staging buffers per rank, or the whole base per rank while loading (float32, the recipe's
