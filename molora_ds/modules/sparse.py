@@ -197,6 +197,7 @@ class RoutedLoRAExperts(torch.autograd.Function):
         y = runs.expand(h * (gates * scaling).unsqueeze(-1), b_rows)
         ctx.save_for_backward(x, x_router, weight, lora_a, b_rows, gates, h)
         ctx.runs, ctx.scaling, ctx.rescale, ctx.shared = runs, scaling, rescale, x_router is x
+        ctx.top_k = logits.shape[1]
         return y
 
     @staticmethod
@@ -205,7 +206,7 @@ class RoutedLoRAExperts(torch.autograd.Function):
         runs, s, rank = ctx.runs, ctx.scaling, lora_a.shape[1]
         dy = dy.contiguous()
         u = runs.project(dy, b_rows).mul_(s)  # d loss / d (h * g)
-        g, d_g = gates.view(x.shape[0], -1), (u * h).sum(-1).view(x.shape[0], -1)
+        g, d_g = gates.view(-1, ctx.top_k), (u * h).sum(-1).view(-1, ctx.top_k)
         d_logits = (g * (d_g - (g * d_g).sum(-1, keepdim=True))).reshape(-1, 1)
         w = (gates.sqrt() if ctx.rescale else gates).unsqueeze(-1)
         db = runs.outer(h * (w * s), dy).transpose(1, 2)
@@ -242,7 +243,9 @@ def routed_lora_experts(
     The router reads ``x`` (at least fp32, as ``router.sparse_top_k_gates``), the experts ``dropped`` (cast as
     ``selected_lora_experts`` casts); all of it computed in fp32 (``RoutedLoRAExperts``)."""
     device = x.device.type
-    x_router, weight = x.float(), router_weight.float()
+    x_router, weight = x.float().contiguous(), router_weight.float()
+    if dropped is x:  # no dropout: one x for both (the fused passes need the same tensor)
+        dropped = x_router
     if torch.is_autocast_enabled(device):  # as in the dense path: the experts' operands in autocast's dtype
         dtype = torch.get_autocast_dtype(device)
         dropped, lora_a, lora_b = dropped.to(dtype), lora_a.to(dtype), lora_b.to(dtype)

@@ -339,3 +339,22 @@ def test_routed_path_counts_the_same_load():
     assert sparse.sparse and routed_fits(x)
     assert torch.equal(sparse.expert_load, dense.expert_load)
     assert torch.equal(sparse.pop_routed_slots(), dense.pop_routed_slots())
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_routed_path_takes_any_layout_and_no_tokens(separate):
+    """The fused path on a transposed (non-contiguous) input gives the bits of the same input made contiguous,
+    with one x for router and experts and with two (under bf16 autocast the experts read a bf16 copy; dropout
+    would too, but its mask depends on the layout); an empty batch gives an empty output and zero gradients."""
+    _, layer = make_pair(16, 2, 3, rescale=True, dtype=torch.float32)
+    columns = torch.randn(IN, 30)
+    results = []
+    for x in (columns.T, columns.T.contiguous()):
+        assert routed_fits(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=separate):
+            results.append(run(layer, x, torch.ones(30, OUT)))
+        layer.zero_grad()
+    (y1, g1), (y2, g2) = results
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    y, grads = run(layer, torch.randn(0, IN), torch.ones(0, OUT))
+    assert y.shape == (0, OUT) and all(not g.any() for g in grads[1:])
