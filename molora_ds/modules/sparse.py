@@ -146,6 +146,23 @@ def plan(rows: torch.Tensor, experts: torch.Tensor, x: torch.Tensor, num_experts
     return plan_pairs(rows, experts, x.shape[0], num_experts, rank)
 
 
+def _pairs_forward(plan, x, lora_a, lora_b, gates, scaling: float):
+    """``(y, b_rows, h)``: ``h = project(x, A)``, ``y = expand(s g h, B^T)`` over the pairs (``gates`` one per pair;
+    s times the [pairs] gates, not the [T, out] result); ``b_rows = B^T [E, r, out]`` and h kept for the backward."""
+    b_rows = lora_b.transpose(1, 2).contiguous()
+    h = plan.project(x, lora_a)
+    return plan.expand(h * (gates.to(x.dtype) * scaling).unsqueeze(-1), b_rows), b_rows, h
+
+
+def _pairs_backward(plan, dy, b_rows, gates, h, scaling: float, rescale: bool):
+    """``(d_gates, dh, w)`` of ``_pairs_forward``: d loss / d g per pair; d loss / d h with expert weight
+    ``w = sqrt(g)`` (``rescale``) or ``g`` in place of g, which dx and dA take; w, which dB takes."""
+    u = plan.project(dy, b_rows).mul_(scaling)  # d loss / d (h * g)
+    d_gates = (u * h).sum(-1)
+    w = (gates.sqrt() if rescale else gates).to(h.dtype).unsqueeze(-1)
+    return d_gates, u.mul_(w), w
+
+
 class SparseMixtureOfLoRAExperts(torch.autograd.Function):
     """``y_t = s * sum_p g_p B_e(p) A_e(p) x_t`` over the pairs p of row t (``plan``; ``gates`` one per pair).
 
@@ -156,10 +173,7 @@ class SparseMixtureOfLoRAExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, gates, plan, scaling: float, rescale: bool):  # type: ignore[override]
         with torch.autocast(x.device.type, enabled=False):
-            b_rows = lora_b.transpose(1, 2).contiguous()  # [E, r, out]
-            h = plan.project(x, lora_a)
-            # s times the [pairs] gates, not the [T, out] result
-            y = plan.expand(h * (gates.to(x.dtype) * scaling).unsqueeze(-1), b_rows)
+            y, b_rows, h = _pairs_forward(plan, x, lora_a, lora_b, gates, scaling)
             ctx.save_for_backward(x, lora_a, b_rows, gates, h)
             ctx.plan, ctx.scaling, ctx.rescale = plan, scaling, rescale
             return y
@@ -170,10 +184,8 @@ class SparseMixtureOfLoRAExperts(torch.autograd.Function):
             x, lora_a, b_rows, gates, h = ctx.saved_tensors
             plan, s = ctx.plan, ctx.scaling
             dy = dy.contiguous()
-            u = plan.project(dy, b_rows).mul_(s)  # d loss / d (h * g)
-            d_gates = (u * h).sum(-1).to(gates.dtype) if ctx.needs_input_grad[3] else None
-            w = (gates.sqrt() if ctx.rescale else gates).to(x.dtype).unsqueeze(-1)
-            dh = u.mul_(w)
+            d_gates, dh, w = _pairs_backward(plan, dy, b_rows, gates, h, s, ctx.rescale)
+            d_gates = d_gates.to(gates.dtype) if ctx.needs_input_grad[3] else None
             dx = plan.expand(dh, lora_a) if ctx.needs_input_grad[0] else None
             da = plan.outer(dh, x) if ctx.needs_input_grad[1] else None
             db = plan.outer(h * (w * s), dy).transpose(1, 2) if ctx.needs_input_grad[2] else None
@@ -192,9 +204,7 @@ class RoutedLoRAExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_router, weight, lora_a, lora_b, logits, runs, scaling: float, rescale: bool):  # type: ignore[override]
         gates = logits.softmax(-1).reshape(-1)
-        b_rows = lora_b.transpose(1, 2).contiguous()  # [E, r, out]
-        h = runs.project(x, lora_a)
-        y = runs.expand(h * (gates * scaling).unsqueeze(-1), b_rows)
+        y, b_rows, h = _pairs_forward(runs, x, lora_a, lora_b, gates, scaling)
         ctx.save_for_backward(x, x_router, weight, lora_a, b_rows, gates, h)
         ctx.runs, ctx.scaling, ctx.rescale, ctx.shared = runs, scaling, rescale, x_router is x
         ctx.top_k = logits.shape[1]
@@ -205,12 +215,10 @@ class RoutedLoRAExperts(torch.autograd.Function):
         x, x_router, weight, lora_a, b_rows, gates, h = ctx.saved_tensors
         runs, s, rank = ctx.runs, ctx.scaling, lora_a.shape[1]
         dy = dy.contiguous()
-        u = runs.project(dy, b_rows).mul_(s)  # d loss / d (h * g)
-        g, d_g = gates.view(-1, ctx.top_k), (u * h).sum(-1).view(-1, ctx.top_k)
+        d_g, dh, w = _pairs_backward(runs, dy, b_rows, gates, h, s, ctx.rescale)
+        g, d_g = gates.view(-1, ctx.top_k), d_g.view(-1, ctx.top_k)
         d_logits = (g * (d_g - (g * d_g).sum(-1, keepdim=True))).reshape(-1, 1)
-        w = (gates.sqrt() if ctx.rescale else gates).unsqueeze(-1)
         db = runs.outer(h * (w * s), dy).transpose(1, 2)
-        dh = u.mul_(w)
         need_dx, need_dx_router = ctx.needs_input_grad[:2]
         if ctx.shared:
             d_pairs = torch.cat([dh, d_logits], -1)
@@ -239,7 +247,8 @@ def routed_lora_experts(
     scaling: float,
     rescale: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sparse layer's adapter, router included, where ``routed_fits``: ``(y [T, out] fp32, experts [T, k])``.
+    """The sparse layer's adapter, router included, where ``routed_fits``: ``(y [T, out], experts [T, k])``, y in
+    x's dtype.
     The router reads ``x`` (at least fp32, as ``router.sparse_top_k_gates``), the experts ``dropped`` (cast as
     ``selected_lora_experts`` casts); all of it computed in fp32 (``RoutedLoRAExperts``)."""
     device = x.device.type
