@@ -111,15 +111,9 @@ class MoLoRALinear(nn.Module):
         """``(delta, slots per expert, gates, probs)``; gates and probs are None on the fused sparse path (no
         balance loss: the router runs inside ``sparse.routed_lora_experts``), probs without a balance loss."""
         lora_a, lora_b, coef = self.lora_A, self.lora_B, self.load_balance_coef
-        if self.dispatch:
-            gates, probs = self.router(tokens, need_probs=coef > 0)
-            delta = self.expert_group.dispatch(
-                dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
-            )
-            return delta, (gates.detach() > 0).sum(0), gates, probs
-        if self.expert_group is not None:
+        if self.expert_group is not None and not self.dispatch:
             lora_a, lora_b = self.expert_group.gather(lora_a), self.expert_group.gather(lora_b)
-        if self.sparse and not coef and routed_fits(tokens):
+        if self.sparse and not self.dispatch and not coef and routed_fits(tokens):
             delta, experts = routed_lora_experts(
                 tokens,
                 dropped,
@@ -132,12 +126,13 @@ class MoLoRALinear(nn.Module):
             )
             return delta, torch.bincount(experts.reshape(-1), minlength=self.num_experts), None, None
         gates, probs = self.router(tokens, need_probs=coef > 0)
-        if self.sparse:
-            delta = sparse_mixture_of_lora_experts(
-                dropped, lora_a, lora_b, gates, self.top_k, self.scaling, self.gate_rescale
-            )
+        args = (self.scaling, self.gate_rescale)
+        if self.dispatch:
+            delta = self.expert_group.dispatch(dropped, lora_a, lora_b, gates, self.top_k, *args)
+        elif self.sparse:
+            delta = sparse_mixture_of_lora_experts(dropped, lora_a, lora_b, gates, self.top_k, *args)
         else:
-            delta = mixture_of_lora_experts(dropped, lora_a, lora_b, gates, self.scaling, self.gate_rescale)
+            delta = mixture_of_lora_experts(dropped, lora_a, lora_b, gates, *args)
         return delta, (gates.detach() > 0).sum(0), gates, probs
 
     def shard_experts(self, expert_group, dispatch: bool = False) -> None:
